@@ -1,0 +1,308 @@
+"""One typed config tree, loaded from YAML with dotted command-line overrides.
+
+Defaults live here with a one-line comment each (units included). Loading is strict: an unknown key,
+a wrong type, an invalid choice or a bad value raises `ConfigError` naming the key and what is valid,
+and the entry points turn that into exit code 2 before any data or GPU work. YAML is read with
+`yaml.safe_load`, so a `!!python/object` tag is refused. A config may extend another with
+`base: other.yaml` (resolved relative to the file that names it; cycles are an error).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; the message names the file, key or value."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tresnet_m"  # a registered name (see `list_models()`) or timm/<name>
+    num_classes: int = 1000  # must equal the number of class folders in data.root
+    pretrained: str | None = None  # checkpoint path loaded into the model before training (any format)
+    init_from: str | None = None  # fine-tuning: model (or EMA) weights of a checkpoint; optimizer starts fresh
+    norm: str = "auto"  # auto | bn | iabn (InPlace-ABN; auto = iabn on CUDA when installed)
+    drop_path_rate: float = 0.0  # stochastic depth, linearly increasing over blocks
+    channels_last: bool = False  # NHWC memory format (measure per model: it can be slower)
+    compile: bool = False  # torch.compile the model
+    sync_bn: bool = True  # synchronise batch statistics across GPUs (ignored on one process / CPU)
+
+
+@dataclass
+class DataConfig:
+    source: str = "folder"  # folder (data.root, ImageFolder) | digits (built offline) | synthetic
+    root: str = ""  # folder with train/ and val/ in ImageFolder layout
+    backend: str = "auto"  # auto | dali | torch (auto = DALI when installed)
+    img_size: int = 224  # train crop size, pixels
+    val_img_size: int = 0  # eval crop size, pixels (0 = img_size)
+    crop_pct: float = 0.0  # eval center-crop fraction (0 = the model's data config)
+    batch_size: int = 64  # images per process per step
+    val_batch_size: int = 0  # images per process per eval step (0 = batch_size)
+    workers: int = 8  # loader worker processes (torch) or threads (DALI) per process
+    strict: bool = False  # undecodable images are an error instead of skipped and reported
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random-resized-crop area range
+    hflip: float = 0.5  # horizontal flip probability
+    randaugment: str = ""  # timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1 ("" = off)
+    random_erasing: float = 0.0  # probability, applied on the batch after the loader
+    mixup: float = 0.0  # mixup alpha (0 = off)
+    cutmix: float = 0.0  # cutmix alpha (0 = off)
+    repeated_aug: int = 0  # repeated augmentation count per image (0 or 1 = off; DeiT uses 3)
+    synthetic_size: int = 1024  # images per epoch for source=synthetic
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd (Nesterov) | adamw | lamb, timm's implementations
+    lr: float = 0.1  # peak learning rate per 256 images; scaled by the global batch
+    weight_decay: float = 1e-4  # applied to weights with ndim > 1 only (never to norms or biases)
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = True  # SGD Nesterov momentum
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW/LAMB betas
+    schedule: str = "cosine"  # cosine | onecycle | step, a pure function of the global step
+    warmup_epochs: float = 5.0  # linear warm-up from warmup_lr_ratio * lr (cosine and step)
+    warmup_lr_ratio: float = 0.0  # warm-up starts at this fraction of the peak lr
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the peak lr
+    onecycle_pct_start: float = 0.2  # fraction of steps spent rising (one-cycle)
+    step_milestones: list[float] = field(default_factory=lambda: [30.0, 60.0, 90.0])  # epochs (step)
+    step_gamma: float = 0.1  # lr factor at each milestone (step)
+    clip_grad: float = 0.0  # max global grad norm (0 = off)
+    accum_steps: int = 1  # gradient accumulation: micro-batches per optimizer step
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 300  # total epochs
+    amp: str = "bf16"  # bf16 | fp16 (with GradScaler) | none
+    loss: str = "ce"  # ce (label-smoothed, soft targets under mixup) | bce (target threshold)
+    label_smoothing: float = 0.1  # for ce and bce
+    bce_target_thresh: float = 0.0  # bce: targets above this become 1 (0 = keep soft)
+    ema: bool = True  # keep an exponential moving average of the weights
+    ema_decay: float = 0.9997  # EMA decay per optimizer step
+    val_every: int = 1  # validate every N epochs (and always after the last)
+    steps_per_epoch: int = 0  # cap on steps per epoch, for smoke runs (0 = the whole loader)
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"  # run folder: config, checkpoints, logs, TensorBoard
+    resume: str = "auto"  # auto (newest valid checkpoint in output_dir) | <path> | none
+    seed: int = 0  # every random stream derives from (seed, rank, step)
+    device: str = "auto"  # auto | cuda | cpu
+    keep_top_k: int = 3  # checkpoints kept by validation top-1, besides last and best
+    ckpt_every_steps: int = 0  # also checkpoint every N optimizer steps mid-epoch (0 = epoch ends only)
+    log_every: int = 20  # steps between progress updates (the only host syncs in the loop)
+    tensorboard: bool = True  # write TensorBoard scalars under output_dir/tb
+    tf32: bool = True  # allow TF32 matmul/conv on Ampere and newer
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.norm": ("auto", "bn", "iabn"),
+    "data.source": ("folder", "digits", "synthetic"),
+    "data.backend": ("auto", "dali", "torch"),
+    "optim.name": ("sgd", "adamw", "lamb"),
+    "optim.schedule": ("cosine", "onecycle", "step"),
+    "train.amp": ("bf16", "fp16", "none"),
+    "train.loss": ("ce", "bce"),
+    "run.device": ("auto", "cuda", "cpu"),
+}
+
+# Keys whose value must be > 0 (or >= 0), checked after loading so a typo costs seconds.
+POSITIVE = ("model.num_classes", "data.img_size", "data.batch_size", "optim.lr", "train.epochs",
+            "optim.accum_steps", "train.val_every", "run.log_every", "data.synthetic_size")
+NON_NEGATIVE = ("data.workers", "data.val_img_size", "data.val_batch_size", "data.crop_pct",
+                "data.random_erasing", "data.mixup", "data.cutmix", "data.repeated_aug",
+                "optim.weight_decay", "optim.momentum", "optim.warmup_epochs", "optim.clip_grad",
+                "model.drop_path_rate", "train.label_smoothing", "train.ema_decay",
+                "train.steps_per_epoch", "run.keep_top_k", "run.ckpt_every_steps")
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            (item,) = typing.get_args(tp)
+            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r} "
+                      f"({type(value).__name__})")
+
+
+def _merge(node, data: dict, prefix: str) -> None:
+    """Write the plain dict `data` into the dataclass `node`, strictly."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, "
+                          f"got {data!r}")
+    types_ = _field_types(type(node))
+    for key, value in data.items():
+        dotted = prefix + str(key)
+        if key not in types_:
+            close = difflib.get_close_matches(str(key), types_, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown config key '{dotted}'{hint} "
+                              f"(valid keys here: {', '.join(types_)})")
+        current = getattr(node, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, dotted + ".")
+        else:
+            setattr(node, key, _coerce(value, types_[key], dotted))
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
+    """Read a YAML config and the chain of `base:` files below it, bases first."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"config 'base:' cycle: {chain}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid (safe) YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: 'base' must be a file name, got {base!r}")
+    return _deep_update(_read_yaml(path.parent / base, (*seen, path)), data)
+
+
+def _deep_update(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`optim.lr=0.3` -> ("optim.lr", 0.3); the value is read as YAML (so `none`, lists, ints work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML: {e}") from None
+    if isinstance(value, str) and value.lower() in ("none", "null"):
+        value = None
+    return key.strip(), value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def validate(cfg: Config) -> Config:
+    """Value checks that types alone cannot express; raises ConfigError naming the key."""
+    flat = to_dict(cfg)
+
+    def get(dotted):
+        node = flat
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+    for key, valid in CHOICES.items():
+        if get(key) not in valid:
+            raise ConfigError(f"config key '{key}': invalid value {get(key)!r} "
+                              f"(valid: {', '.join(valid)})")
+    for key in POSITIVE:
+        if get(key) <= 0:
+            raise ConfigError(f"config key '{key}': must be > 0, got {get(key)!r}")
+    for key in NON_NEGATIVE:
+        if get(key) < 0:
+            raise ConfigError(f"config key '{key}': must be >= 0, got {get(key)!r}")
+    lo, hi = (cfg.data.scale + [None, None])[:2]
+    if len(cfg.data.scale) != 2 or not 0 < lo <= hi <= 1:
+        raise ConfigError(f"config key 'data.scale': expected [min, max] with 0 < min <= max <= 1, "
+                          f"got {cfg.data.scale}")
+    if cfg.data.source == "folder" and not cfg.data.root:
+        raise ConfigError("config key 'data.root' is empty: set it to a folder with train/ and val/ "
+                          "(e.g. data.root=/data/imagenet), or use data.source=digits for the demo")
+    if cfg.run.resume not in ("auto", "none") and not Path(cfg.run.resume).is_file():
+        raise ConfigError(f"config key 'run.resume': checkpoint file not found: {cfg.run.resume} "
+                          "(use auto, none or an existing path)")
+    for key in ("model.pretrained", "model.init_from"):
+        path = get(key)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"config key '{key}': checkpoint file not found: {path}")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file (and its bases) <- dotted overrides, then validated."""
+    cfg = Config()
+    if path is not None:
+        _merge(cfg, _read_yaml(Path(path), ()), "")
+    for text in overrides:
+        key, value = parse_override(text)
+        _merge(cfg, _nest(key, value), "")
+    return validate(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a Config from the plain data stored in a checkpoint (same strictness)."""
+    cfg = Config()
+    _merge(cfg, data, "")
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    """Plain data (dicts, lists, str, numbers, None): safe in YAML and in weights_only checkpoints."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
