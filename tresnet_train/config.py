@@ -80,7 +80,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 300  # total epochs
-    amp: str = "bf16"  # bf16 | fp16 (with GradScaler) | none
+    amp: str = "auto"  # auto (bf16 on GPU, none on CPU) | bf16 | fp16 (with GradScaler) | none
     loss: str = "ce"  # ce (label-smoothed, soft targets under mixup) | bce (target threshold)
     label_smoothing: float = 0.1  # for ce and bce
     bce_target_thresh: float = 0.0  # bce: targets above this become 1 (0 = keep soft)
@@ -118,7 +118,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.backend": ("auto", "dali", "torch"),
     "optim.name": ("sgd", "adamw", "lamb"),
     "optim.schedule": ("cosine", "onecycle", "step"),
-    "train.amp": ("bf16", "fp16", "none"),
+    "train.amp": ("auto", "bf16", "fp16", "none"),
     "train.loss": ("ce", "bce"),
     "run.device": ("auto", "cuda", "cpu"),
 }

@@ -1,0 +1,387 @@
+"""`run(cfg)`: the whole training job, as a straight list of named builders and the epoch loop.
+
+preflight (config, model name, data folder: seconds, before any GPU or data work) -> distributed world
+-> model -> data -> optimizer and schedule -> resume -> epochs of train + validate + checkpoint.
+
+Exit codes of train.py: 0 finished, 2 bad config, 75 stopped by SIGTERM/SIGUSR1 after writing a
+resumable checkpoint (SLURM requeues on it), 1 anything else (a non-finite loss included).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, dump_yaml, to_dict
+from .data import DataError, build_loaders, scan_image_folder
+from .distributed import World, all_reduce_sum, barrier, cleanup, gather_objects, init_distributed
+from .engine import NoEMA, StepParts, evaluate, train_one_epoch
+from .logs import MetricsLog, Progress, setup_console
+from .losses import build_batch_augment, build_criterion
+from .models import UnknownModelError, create_model, get_data_config, is_known_model, load_weights
+from .optim import build_optimizer, build_schedule, scaled_lr
+from .precision import GradClipper, Precision, enable_tf32
+from .sync_norm import convert_sync_norm
+
+log = logging.getLogger("tresnet_train")
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_PREEMPTED = 0, 1, 2, 75
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def preflight(cfg: Config) -> list[str] | None:
+    """Checks that need no GPU and no decoding: the model exists and matches the data's classes.
+
+    Raises ConfigError (exit code 2) naming the key; returns the class names of a folder dataset.
+    """
+    if not is_known_model(cfg.model.name):
+        try:
+            create_model(cfg.model.name)
+        except UnknownModelError as e:
+            raise ConfigError(f"config key 'model.name': {e}") from None
+    if cfg.data.source != "folder":
+        return None
+    try:
+        classes, _, _ = scan_image_folder(cfg.data.root)
+    except DataError as e:
+        raise ConfigError(f"config key 'data.root': {e}") from None
+    if len(classes) != cfg.model.num_classes:
+        raise ConfigError(f"config key 'model.num_classes' is {cfg.model.num_classes} but "
+                          f"{cfg.data.root}/train has {len(classes)} class folders; set "
+                          f"model.num_classes={len(classes)}")
+    return classes
+
+
+class StopSignal:
+    """SIGTERM/SIGUSR1 set a flag; the run checkpoints at the next step boundary and exits 75."""
+
+    def __init__(self):
+        self.received: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+
+def build_model(cfg: Config, device: torch.device) -> nn.Module:
+    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes,
+                         pretrained=cfg.model.pretrained, norm=cfg.model.norm,
+                         drop_path_rate=cfg.model.drop_path_rate)
+    if cfg.model.init_from:
+        meta = ckpt.load(cfg.model.init_from)
+        use_ema = isinstance(meta, dict) and meta.get("best_source") == "ema"
+        load_weights(model, cfg.model.init_from, use_ema=use_ema)
+        log.info("initialised weights from %s (%s weights)", cfg.model.init_from,
+                 "EMA" if use_ema else "model")
+    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    return model.to(device=device, memory_format=memory_format)
+
+
+def wrap_model(model: nn.Module, cfg: Config, world: World,
+               device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """(bare model, the model as the step calls it): sync-norm, DDP, torch.compile where they apply."""
+    if world.distributed and cfg.model.sync_bn:
+        model = convert_sync_norm(model, device)
+    train_model = model
+    if world.distributed:
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.model.compile:
+        train_model = torch.compile(train_model)
+    return model, train_model
+
+
+def rng_states() -> dict:
+    """This process's RNG states as plain data (weights_only-safe), for the record and the restore."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Holds the run's parts between builders; `fit()` is the epoch loop."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.world, self.device = init_distributed(cfg.run.device)
+        setup_console(self.world)
+        self.out = Path(cfg.run.output_dir)
+        if self.world.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_yaml(cfg, self.out / "config.yaml")
+        enable_tf32(cfg.run.tf32)
+        self.stop = StopSignal()
+
+        # model
+        self.model = build_model(cfg, self.device)
+        self.data_config = get_data_config(self.model)
+        self.model, self.train_model = wrap_model(self.model, cfg, self.world, self.device)
+        self.ema = ModelEmaV3(self.model, decay=cfg.train.ema_decay) if cfg.train.ema else NoEMA()
+
+        # data
+        self.train_loader, self.val_loader = build_loaders(cfg, self.data_config, self.world,
+                                                           self.device)
+        self.classes = list(self.train_loader.classes)
+        steps = len(self.train_loader) // cfg.optim.accum_steps
+        self.steps = min(steps, cfg.train.steps_per_epoch) if cfg.train.steps_per_epoch else steps
+        if self.steps == 0:
+            raise ConfigError(f"config: 0 training steps per epoch: {len(self.train_loader)} batches "
+                              f"of data.batch_size={cfg.data.batch_size} per process with "
+                              f"optim.accum_steps={cfg.optim.accum_steps}; lower the batch size")
+
+        # optimizer, schedule, precision, loss
+        self.global_batch = cfg.data.batch_size * self.world.world_size * cfg.optim.accum_steps
+        self.peak_lr = scaled_lr(cfg.optim, self.global_batch)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr)
+        self.precision = Precision(cfg.train.amp, self.device)
+        self.parts = StepParts(
+            model=self.model, train_model=self.train_model, optimizer=self.optimizer,
+            schedule=build_schedule(cfg.optim, self.peak_lr, self.steps, cfg.train.epochs),
+            criterion=build_criterion(cfg),
+            batch_augment=build_batch_augment(cfg, cfg.model.num_classes, self.device),
+            precision=self.precision, clipper=GradClipper(cfg.optim.clip_grad), ema=self.ema,
+            accum_steps=cfg.optim.accum_steps, seed=cfg.run.seed, rank=self.world.rank)
+
+        self.epoch, self.start_step = 0, 0
+        self.best = {"top1": -1.0, "epoch": -1, "source": "model"}
+        self.topk = ckpt.TopK(self.out, cfg.run.keep_top_k)
+        self.last_val: dict = {}
+        self.resume()
+        self.metrics = MetricsLog(self.out, self.world.is_main, cfg.run.tensorboard)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def state(self, epoch: int, step: int) -> dict:
+        """Everything needed to continue exactly at optimizer step `step` of `epoch` (collective)."""
+        per_rank = gather_objects({"loader": self.train_loader.state_dict(), "rng": rng_states()})
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema.module is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.precision.scaler.state_dict(),
+            "epoch": epoch, "step_in_epoch": step, "global_step": epoch * self.steps + step,
+            "steps_per_epoch": self.steps, "world_size": self.world.world_size,
+            "loader": [r["loader"] for r in per_rank], "rng": [r["rng"] for r in per_rank],
+            "config": to_dict(self.cfg), "model_name": self.cfg.model.name,
+            "data_config": {k: list(v) if isinstance(v, tuple) else v
+                            for k, v in self.data_config.items()},
+            "classes": self.classes, "best": dict(self.best), "best_source": self.best["source"],
+            "topk": self.topk.entries, "val": dict(self.last_val),
+        }
+
+    def save(self, epoch: int, step: int, name: str = ckpt.LAST) -> None:
+        state = self.state(epoch, step)
+        if self.world.is_main:
+            ckpt.save_atomic(state, self.out / name)
+        barrier()
+
+    def resume(self) -> None:
+        cfg = self.cfg
+        path = (ckpt.find_resume(self.out) if cfg.run.resume == "auto"
+                else None if cfg.run.resume == "none" else Path(cfg.run.resume))
+        if path is None:
+            log.info("starting a fresh run in %s", self.out)
+            return
+        state = ckpt.load(path)
+        self.model.load_state_dict(state["model"])
+        if state.get("ema") is not None and self.ema.module is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.precision.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.start_step = state["epoch"], state["step_in_epoch"]
+        if state["steps_per_epoch"] != self.steps:
+            raise ConfigError(f"cannot resume from {path}: it has {state['steps_per_epoch']} steps "
+                              f"per epoch, this run {self.steps} (batch size, world size or data "
+                              f"changed); use run.resume=none or a new run.output_dir")
+        self.best, self.topk.entries = state["best"], state["topk"]
+        self.last_val = state.get("val", {})
+        if state["world_size"] == self.world.world_size:
+            self.train_loader.load_state_dict(state["loader"][self.world.rank])
+            restore_rng(state["rng"][self.world.rank])
+        else:
+            log.warning("resuming with world size %d from a %d-process checkpoint: the data order "
+                        "of the current epoch restarts from the saved step with a new sharding",
+                        self.world.world_size, state["world_size"])
+        log.info("resumed from %s at epoch %d, step %d", path, self.epoch + 1, self.start_step)
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def fit(self) -> int:
+        cfg = self.cfg
+        log.info("model %s (%.2fM params) | %d train steps/epoch x %d epochs | global batch %d | "
+                 "peak lr %.4g | amp %s on %s, %d process(es)", cfg.model.name,
+                 sum(p.numel() for p in self.model.parameters()) / 1e6, self.steps, cfg.train.epochs,
+                 self.global_batch, self.peak_lr, self.precision.amp, self.device,
+                 self.world.world_size)
+        for epoch in range(self.epoch, cfg.train.epochs):
+            t0 = time.perf_counter()
+            start, self.start_step = self.start_step, 0
+            if self.train_epoch(epoch, start):
+                log.info("%s received: checkpoint written to %s; resume with run.resume=auto",
+                         self.stop.received, self.out / ckpt.LAST)
+                return EXIT_PREEMPTED
+            results = None
+            if (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs:
+                results = self.validate(epoch, time.perf_counter() - t0)
+            self.end_of_epoch_checkpoints(epoch, results)
+        log.info("done: best top-1 %.2f%% (%s weights, epoch %d) | checkpoints in %s | metrics in "
+                 "%s | TensorBoard: tensorboard --logdir %s", self.best["top1"], self.best["source"],
+                 self.best["epoch"] + 1, self.out, self.out / "metrics.jsonl", self.out / "tb")
+        return EXIT_OK
+
+    def train_epoch(self, epoch: int, start_step: int) -> bool:
+        """Train one epoch from `start_step`; True when a stop signal ended it (checkpoint written)."""
+        cfg, world = self.cfg, self.world
+        self.train_loader.set_epoch(epoch, start_step * cfg.optim.accum_steps)
+        progress = Progress(world.is_main, epoch, cfg.train.epochs, self.steps, start_step)
+        meter = _StepMeter(self.device)
+
+        def on_step(step, global_step, loss, lr, images) -> bool:
+            meter.add(loss, global_step, images)
+            last_step = step + 1 == self.steps
+            ckpt_due = bool(cfg.run.ckpt_every_steps) and (global_step + 1) % cfg.run.ckpt_every_steps == 0
+            log_due = (step + 1) % cfg.run.log_every == 0 or last_step
+            # A lone process can honour a signal at every step for free; several must agree first.
+            if not (log_due or ckpt_due or (not world.distributed and self.stop.received)):
+                return False
+            mean_loss, nonfinite, signalled = meter.reduce(self.stop.received is not None)
+            if nonfinite:
+                raise NonFiniteLoss(
+                    f"loss became non-finite (NaN/inf) at global step {meter.first_bad_step()} "
+                    f"(epoch {epoch + 1}); stopping. The last good checkpoint is "
+                    f"{self.out / ckpt.LAST}: lower optim.lr or set optim.clip_grad, then resume.")
+            if log_due:
+                img_s = meter.images * world.world_size / meter.elapsed()
+                progress.update(step, mean_loss, lr, img_s)
+                self.metrics.write("train", global_step, **{
+                    "train/loss": mean_loss, "train/lr": lr, "train/img_per_s": img_s})
+                meter.reset()
+            if (signalled or ckpt_due) and not last_step:
+                self.save(epoch, step + 1)
+            return signalled and not last_step
+
+        stopped = False
+
+        def on_step_and_note(**kwargs) -> bool:
+            nonlocal stopped
+            stopped = on_step(**kwargs)
+            return stopped
+
+        try:
+            train_one_epoch(self.parts, self.train_loader, epoch, self.steps, start_step,
+                            on_step_and_note)
+        finally:
+            progress.close()
+        return stopped
+
+    def validate(self, epoch: int, epoch_time: float) -> dict:
+        """Validate the model and its EMA; log, and return {"model": metrics, "ema": metrics}."""
+        results = {"model": evaluate(self.model, self.val_loader, self.precision, self.device)}
+        if self.ema.module is not None:
+            results["ema"] = evaluate(self.ema.module, self.val_loader, self.precision, self.device)
+        scalars = {"time/epoch_s": epoch_time}
+        for source, prefix in (("model", "val"), ("ema", "val_ema")):
+            for metric in ("top1", "top5", "loss"):
+                if source in results:
+                    scalars[f"{prefix}/{metric}"] = results[source][metric]
+        if self.device.type == "cuda":
+            scalars["mem/peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.metrics.write("val", (epoch + 1) * self.steps, epoch=epoch + 1, **scalars)
+        ema = results.get("ema")
+        log.info("epoch %d/%d | %.0fs | val top-1 %.2f top-5 %.2f loss %.4f (%d images)%s",
+                 epoch + 1, self.cfg.train.epochs, epoch_time, results["model"]["top1"],
+                 results["model"]["top5"], results["model"]["loss"], results["model"]["num_images"],
+                 f" | EMA top-1 {ema['top1']:.2f} top-5 {ema['top5']:.2f}" if ema else "")
+        return results
+
+    def end_of_epoch_checkpoints(self, epoch: int, results: dict | None) -> None:
+        """last.pth always; best.pth and top-k when validation ran. One state, written atomically."""
+        improved = False
+        if results is not None:
+            source = max(results, key=lambda k: results[k]["top1"])
+            top1 = results[source]["top1"]
+            self.last_val = {f"{k}_{m}": v for k, r in results.items() for m, v in r.items()}
+            improved = top1 > self.best["top1"]
+            if improved:
+                self.best = {"top1": top1, "epoch": epoch, "source": source}
+        state = self.state(epoch + 1, 0)
+        if self.world.is_main:
+            ckpt.save_atomic(state, self.out / ckpt.LAST)
+            if improved:
+                ckpt.save_atomic(state, self.out / ckpt.BEST)
+            if results is not None:
+                self.topk.offer(max(r["top1"] for r in results.values()), epoch, state)
+                state["topk"] = self.topk.entries
+        barrier()
+
+
+class _StepMeter:
+    """Per-step loss and throughput kept on the device; read only at log points."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.steps, self.images, self.t0 = 0, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, global_step: int, images: int) -> None:
+        self.loss_sum = self.loss_sum + loss.float()
+        self.bad_step = torch.where(~torch.isfinite(loss) & (self.bad_step < 0),
+                                    torch.tensor(global_step, device=self.device), self.bad_step)
+        self.steps += 1
+        self.images += images
+
+    def reduce(self, signalled: bool) -> tuple[float, bool, bool]:
+        """(mean loss over ranks and steps, any rank non-finite, any rank signalled): one all-reduce."""
+        flags = torch.stack([self.loss_sum, (self.bad_step >= 0).float(),
+                             torch.tensor(float(signalled), device=self.device)])
+        loss_sum, bad, sig = all_reduce_sum(flags).tolist()  # host sync: log points only
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        return loss_sum / world / max(self.steps, 1), bad > 0, sig > 0
+
+    def first_bad_step(self) -> int:
+        steps = [s for s in gather_objects(int(self.bad_step.item())) if s >= 0]
+        return min(steps) if steps else -1
+
+    def elapsed(self) -> float:
+        return max(time.perf_counter() - self.t0, 1e-9)
+
+
+def run(cfg: Config) -> int:
+    """Train as configured (after `preflight`); returns the process exit code."""
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        return trainer.fit()
+    except NonFiniteLoss as e:
+        log.error("%s", e)
+        return EXIT_FAILED
+    finally:
+        if trainer is not None:
+            trainer.metrics.close()
+        cleanup()
