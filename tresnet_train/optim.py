@@ -85,7 +85,7 @@ def build_schedule(cfg: OptimConfig, peak_lr: float, steps_per_epoch: int,
     def onecycle(step: int) -> float:
         if step < rise:
             return peak_lr + (low - peak_lr) * _cosine(step / rise)
-        return final + (peak_lr - final) * _cosine((step - rise) / max(1, total - rise))
+        return final + (peak_lr - final) * _cosine((step - rise) / max(1, total - 1 - rise))
     return onecycle
 
 

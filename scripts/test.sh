@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up .venv with everything the tests exercise (DALI and InPlace-ABN on CPU included), then run
+# the test suite. Extra arguments go to pytest, e.g. `bash scripts/test.sh -k config -x`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh demo,dev,dali-cu13,iabn
+exec .venv/bin/python -m pytest "$@"

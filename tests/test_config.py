@@ -1,0 +1,88 @@
+"""The config contract: strict keys and types, bases, overrides, clear exit-2 errors in seconds."""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tresnet_train.config import Config, ConfigError, from_dict, load_config, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, data) -> Path:
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(None, ["data.root=/data/x", "optim.lr=0.3", "train.epochs=5",
+                             "data.scale=[0.2, 1.0]", "model.pretrained=none"])
+    assert cfg.optim.lr == 0.3 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.epochs == 5 and cfg.data.scale == [0.2, 1.0]
+    assert cfg.model.pretrained is None
+
+
+def test_base_chain_merges_and_child_wins(tmp_path):
+    write(tmp_path / "a.yaml", {"optim": {"lr": 0.5, "weight_decay": 0.01}, "data": {"root": "/d"}})
+    write(tmp_path / "b.yaml", {"base": "a.yaml", "optim": {"lr": 0.2}})
+    cfg = load_config(tmp_path / "b.yaml")
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.data.root) == (0.2, 0.01, "/d")
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("optim.lrr=1", "unknown config key 'optim.lrr'; did you mean lr"),
+    ("optim.lr=fast", "config key 'optim.lr': expected float"),
+    ("optim.lr=-0.1", "'optim.lr': must be > 0"),
+    ("data.batch_size=0", "'data.batch_size': must be > 0"),
+    ("data.batch_size=1.5", "'data.batch_size': expected int"),
+    ("data.backend=fast", "'data.backend': invalid value 'fast' (valid: auto, dali, torch)"),
+    ("train.ema=maybe", "'train.ema': expected bool"),
+    ("optim=3", "'optim': expected a mapping"),
+    ("nonsense", "not of the form section.key=value"),
+])
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.root=/d", override])
+    assert needle in str(e.value)
+
+
+def test_missing_root_and_base_cycle(tmp_path):
+    with pytest.raises(ConfigError, match="'data.root' is empty"):
+        load_config(None, [])
+    write(tmp_path / "a.yaml", {"base": "b.yaml"})
+    write(tmp_path / "b.yaml", {"base": "a.yaml"})
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_python_tags_are_refused(tmp_path):
+    marker = tmp_path / "ran"
+    path = write(tmp_path / "evil.yaml",
+                 f"model: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match="not valid \\(safe\\) YAML"):
+        load_config(path)
+    assert not marker.exists()
+
+
+def test_round_trip_through_plain_data():
+    cfg = load_config(None, ["data.root=/d", "optim.name=lamb"])
+    again = from_dict(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
+    assert again == cfg and isinstance(again, Config)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_config_loads(config):
+    cfg = load_config(ROOT / "configs" / config)
+    assert cfg.model.name
+
+
+def test_cli_exits_2_fast_on_bad_config(tmp_path):
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "train.py", "--config", "configs/demo.yaml",
+                           "optim.lrr=1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("config error: unknown config key 'optim.lrr'")
+    assert time.perf_counter() - t0 < 10

@@ -1,0 +1,54 @@
+"""Schedules are pure functions of the step; parameter groups are chosen by structure."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tresnet_train.config import OptimConfig
+from tresnet_train.optim import build_optimizer, build_schedule, param_groups, scaled_lr
+
+
+def test_lr_is_per_256_images():
+    assert scaled_lr(OptimConfig(lr=0.1), 1024) == pytest.approx(0.4)
+
+
+def test_cosine_with_warmup():
+    f = build_schedule(OptimConfig(schedule="cosine", warmup_epochs=1), 1.0, steps_per_epoch=10, epochs=11)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5)
+    assert f(109) < 1e-3 and all(f(s) >= f(s + 1) for s in range(10, 109))
+
+
+def test_onecycle_rises_then_falls():
+    f = build_schedule(OptimConfig(schedule="onecycle", onecycle_pct_start=0.25), 1.0, 10, 4)
+    assert f(0) == pytest.approx(1 / 25)
+    assert f(10) == pytest.approx(1.0)
+    assert f(39) < 1e-3
+    assert all(f(s) <= f(s + 1) for s in range(0, 9)) and all(f(s) >= f(s + 1) for s in range(10, 39))
+
+
+def test_step_schedule():
+    f = build_schedule(OptimConfig(schedule="step", warmup_epochs=0, step_milestones=[2, 3],
+                                   step_gamma=0.1), 1.0, 10, 4)
+    assert [f(s) for s in (0, 19, 20, 29, 30)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
+
+
+def test_no_decay_on_1d_parameters_whatever_their_names():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 5, 5))
+    decay, no_decay = param_groups(model, 0.05)
+    assert {p.ndim for p in decay["params"]} == {2, 4} and decay["weight_decay"] == 0.05
+    assert {p.ndim for p in no_decay["params"]} == {1} and no_decay["weight_decay"] == 0.0
+    assert len(no_decay["params"]) == 4  # bn weight, bn bias, conv bias, linear bias
+
+
+@pytest.mark.parametrize("name, cls", [("sgd", "SGD"), ("adamw", "AdamW"), ("lamb", "Lamb")])
+def test_timm_optimizers(name, cls):
+    model = nn.Linear(3, 2)
+    opt = build_optimizer(model, OptimConfig(name=name), lr=0.5)
+    assert type(opt).__name__ == cls
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]
+    if name == "sgd":
+        assert opt.param_groups[0]["nesterov"] is True
