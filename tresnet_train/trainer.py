@@ -8,8 +8,9 @@ resumable checkpoint (SLURM requeues on it), 1 anything else (a non-finite loss 
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import math
 import random
 import signal
 import time
@@ -120,6 +121,15 @@ def restore_rng(state: dict) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer, in state-dict order."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class Trainer:
@@ -246,10 +256,25 @@ class Trainer:
             if (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs:
                 results = self.validate(epoch, time.perf_counter() - t0)
             self.end_of_epoch_checkpoints(epoch, results)
+        self.write_summary()
         log.info("done: best top-1 %.2f%% (%s weights, epoch %d) | checkpoints in %s | metrics in "
                  "%s | TensorBoard: tensorboard --logdir %s", self.best["top1"], self.best["source"],
                  self.best["epoch"] + 1, self.out, self.out / "metrics.jsonl", self.out / "tb")
         return EXIT_OK
+
+    def write_summary(self) -> None:
+        """summary.json: best and final metrics, and a fingerprint of every rank's final weights.
+
+        Data-parallel ranks must end with identical weights; a mismatch is logged as an error.
+        """
+        prints = gather_objects(weights_fingerprint(self.model))
+        if len(set(prints)) > 1:
+            log.error("ranks hold different weights at the end of training: %s", prints)
+        if self.world.is_main:
+            summary = {"best": self.best, "final": self.last_val, "epochs": self.cfg.train.epochs,
+                       "global_step": self.cfg.train.epochs * self.steps,
+                       "world_size": self.world.world_size, "weights_sha256_per_rank": prints}
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
 
     def train_epoch(self, epoch: int, start_step: int) -> bool:
         """Train one epoch from `start_step`; True when a stop signal ended it (checkpoint written)."""

@@ -1,0 +1,164 @@
+"""The trainer end to end on CPU: outputs, exact resume after SIGKILL, signals, NaN, 2 processes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from trainer_helpers import (ROOT, SHARED_DATA, assert_same_weights, env, load, start_train,
+                             tiny_overrides, train, wait_for_step)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """The demo's digits dataset, built once for the module."""
+    from tresnet_train.data.digits import build_digits
+    return build_digits(tmp_path_factory.mktemp("digits") / "digits")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, digits):
+    """An uninterrupted tiny run: the weights every resumed run must reproduce exactly."""
+    out = tmp_path_factory.mktemp("reference")
+    proc = train(tiny_overrides(out, digits))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, proc
+
+
+def test_run_writes_config_checkpoints_metrics_and_tensorboard(reference):
+    out, proc = reference
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert (out / "config.yaml").is_file()
+    last, best = load(out / "last.pth"), load(out / "best.pth")
+    assert last["global_step"] == 12 and last["epoch"] == 2 and last["step_in_epoch"] == 0
+    assert last["config"]["model"]["name"] == "tresnet_tiny"
+    assert {"model", "ema", "optimizer", "scaler", "loader", "rng", "classes"} <= last.keys()
+    assert best["best"]["top1"] == max(best["val"]["model_top1"], best["val"]["ema_top1"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in records} == {"train", "val"}
+    assert all(0 <= r["val/top1"] <= 100 for r in records if r["kind"] == "val")
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/img_per_s", "val/top1", "val/top5", "val/loss",
+            "val_ema/top1", "time/epoch_s"} <= tags
+    assert [e.value for e in acc.Scalars("val/top1")] == pytest.approx(
+        [r["val/top1"] for r in records if r["kind"] == "val"])
+    assert "val top-1" in proc.stdout and "done: best top-1" in proc.stdout
+
+
+def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, digits, reference):
+    ref_out, _ = reference
+    out = tmp_path / "run"
+    overrides = tiny_overrides(out, digits, **{"run.ckpt_every_steps": 1})
+    proc = start_train(overrides)
+    wait_for_step(out / "last.pth", 8, proc)  # mid-way through the second epoch
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = train(overrides)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout
+    assert_same_weights(load(out / "last.pth"), load(ref_out / "last.pth"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_checkpoints_and_exits_75_then_resumes(tmp_path, digits, reference, sig):
+    ref_out, _ = reference
+    out = tmp_path / "run"
+    overrides = tiny_overrides(out, digits, **{"run.ckpt_every_steps": 1})
+    proc = start_train(overrides)
+    wait_for_step(out / "last.pth", 3, proc)
+    os.kill(proc.pid, sig)
+    assert proc.wait(timeout=60) == 75, proc.stdout.read()
+    assert "resume with run.resume=auto" in proc.stdout.read()
+    resumed = train(overrides)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_same_weights(load(out / "last.pth"), load(ref_out / "last.pth"))
+
+
+def test_nonfinite_loss_stops_with_step_keeps_last_good_checkpoint_and_resumes(tmp_path, digits):
+    from tresnet_train.config import load_config
+    from tresnet_train.trainer import NonFiniteLoss, Trainer
+
+    out = tmp_path / "run"
+    overrides = tiny_overrides(out, digits, **{"run.ckpt_every_steps": 1})
+    trainer = Trainer(load_config(ROOT / "configs" / "demo.yaml", overrides))
+    criterion, calls = trainer.parts.criterion, []
+
+    def nan_at_step_5(logits, targets):  # the 6th step's loss is NaN
+        calls.append(1)
+        loss = criterion(logits, targets)
+        return loss * float("nan") if len(calls) == 6 else loss
+
+    trainer.parts.criterion = nan_at_step_5
+    with pytest.raises(NonFiniteLoss, match="at global step 5 "):
+        trainer.fit()
+    trainer.metrics.close()
+    kept = load(out / "last.pth")
+    assert kept["global_step"] == 5
+    assert all(torch.isfinite(t).all() for t in kept["model"].values() if t.is_floating_point())
+    resumed = train(overrides)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout and load(out / "last.pth")["global_step"] == 12
+
+
+def test_two_processes_match_and_resume_exactly(tmp_path, digits):
+    """torchrun --nproc_per_node=2 on gloo: both ranks end identical; SIGKILL + resume is exact."""
+    ref = tmp_path / "ref"
+    check = ["run.ckpt_every_steps=1"]
+    proc = train(tiny_overrides(ref, digits) + check, nproc=2)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 process(es)" in proc.stdout
+    prints = json.loads((ref / "summary.json").read_text())["weights_sha256_per_rank"]
+    assert len(prints) == 2 and prints[0] == prints[1]
+
+    out = tmp_path / "killed"
+    running = start_train(tiny_overrides(out, digits) + check, nproc=2)
+    wait_for_step(out / "last.pth", 7, running)
+    os.killpg(running.pid, signal.SIGKILL)
+    running.wait()
+    resumed = train(tiny_overrides(out, digits) + check, nproc=2)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_same_weights(load(out / "last.pth"), load(ref / "last.pth"))
+
+
+def test_validation_counts_each_image_once_with_two_processes(tmp_path, digits, reference):
+    """An odd-sized val set: top-1 with 2 processes equals top-1 with 1 (no padded duplicates)."""
+    ref_out, _ = reference
+    script = ROOT / "tests" / "eval_checkpoint.py"
+    results = {}
+    for nproc in (1, 2):
+        cmd = ([sys.executable] if nproc == 1 else
+               [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={nproc}"])
+        proc = subprocess.run(cmd + [str(script), str(ref_out / "last.pth"), str(digits),
+                                     str(tmp_path / f"eval{nproc}.json")],
+                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        results[nproc] = json.loads((tmp_path / f"eval{nproc}.json").read_text())
+    assert results[1]["num_images"] % 2 == 1  # odd: a padded duplicate would show
+    assert results[1] == pytest.approx(results[2], abs=1e-9)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "imagenette-mini-96").is_dir(),
+                    reason="../shared/data/imagenette-mini-96 (real ImageNet photos) is absent")
+def test_real_photos_loss_falls_and_top1_beats_chance(tmp_path):
+    out = tmp_path / "run"
+    proc = train(["model.name=tresnet_tiny", "model.num_classes=10", "data.source=folder",
+                  f"data.root={SHARED_DATA / 'imagenette-mini-96'}", "data.backend=torch",
+                  "data.img_size=64", "data.batch_size=25", "data.workers=2", "data.hflip=0.5",
+                  "data.scale=[0.35,1.0]", "train.epochs=6", "optim.lr=0.2",
+                  "optim.schedule=onecycle", "train.ema=false", f"run.output_dir={out}",
+                  "run.device=cpu", "run.log_every=4"], timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in records if r["kind"] == "train"]
+    top1 = [r["val/top1"] for r in records if r["kind"] == "val"]
+    assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3, losses
+    assert max(top1) > 20.0, top1  # chance is 10%
