@@ -1,0 +1,169 @@
+"""Faults injected on purpose: kills (one mid checkpoint write), full disk, bad configs, untrusted
+files, fp16 overflow, a failing rank. Each must lose nothing and say clearly what happened."""
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from trainer_helpers import (ROOT, assert_same_weights, env, load, start_train, tiny_overrides,
+                             train, wait_for_step)
+from tresnet_train import checkpoint
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from tresnet_train.data.digits import build_digits
+    return build_digits(tmp_path_factory.mktemp("digits") / "digits")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, digits):
+    out = tmp_path_factory.mktemp("reference")
+    proc = train(tiny_overrides(out, digits, **{"train.epochs": 3}))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+def _readable_or_absent(path):
+    return not path.exists() or checkpoint.is_readable(path)
+
+
+def test_kill_at_three_points_one_mid_write_ends_identical(tmp_path, digits, reference):
+    out = tmp_path / "run"
+    overrides = tiny_overrides(out, digits, **{"train.epochs": 3, "run.ckpt_every_steps": 1})
+    # 1) mid-epoch, 2) right after an epoch boundary, 3) inside a checkpoint write (slowed down so
+    # the kill lands between the first and second half of the bytes).
+    for step in (3, 7):
+        proc = start_train(overrides)
+        wait_for_step(out / "last.pth", step, proc)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert checkpoint.is_readable(out / "last.pth")
+    marker = tmp_path / "mid_write"
+    proc = subprocess.Popen([sys.executable, "tests/slow_checkpoint_train.py", str(marker), "3",
+                             "--config", "configs/demo.yaml", *overrides], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    while not marker.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(out.glob(".*.tmp")), "the kill should have left a partial temp file"
+    assert checkpoint.is_readable(out / "last.pth")  # the previous one, whole
+    assert all(_readable_or_absent(p) for p in out.rglob("*.pth"))
+    resumed = train(overrides)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_same_weights(load(out / "last.pth"), load(reference / "last.pth"))
+
+
+def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pth"
+    checkpoint.save_atomic({"model": {"w": torch.ones(3)}, "global_step": 1}, path)
+
+    def full_disk_save(obj, f):
+        f.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk_save)
+    with pytest.raises(checkpoint.CheckpointError, match="disk full .* previous checkpoint there is intact"):
+        checkpoint.save_atomic({"model": {"w": torch.zeros(3)}, "global_step": 2}, path)
+    monkeypatch.undo()
+    assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # no temp file left behind
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    with open(evil, "wb") as f:
+        pickle.dump({"model": _Payload(marker), "global_step": 0}, f)
+    with pytest.raises(checkpoint.CheckpointError, match="refusing to load"):
+        checkpoint.load(evil)
+    (tmp_path / "run").mkdir()
+    os.replace(evil, tmp_path / "run" / "last.pth")
+    assert checkpoint.find_resume(tmp_path / "run") is None  # skipped, not loaded
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["optim.lrr=1"], "unknown config key 'optim.lrr'; did you mean lr"),
+    (["optim.lr=abc"], "config key 'optim.lr': expected float"),
+    (["optim.lr=-1"], "config key 'optim.lr': must be > 0"),
+    (["data.batch_size=-8"], "config key 'data.batch_size': must be > 0"),
+    (["data.source=folder", "data.root=/nonexistent/imagenet"], "config key 'data.root'"),
+    (["model.name=tresnet_mm"], "did you mean"),
+    (["data.source=folder", "data.root=SHARED_MINI", "model.num_classes=1000"],
+     "model.num_classes' is 1000 but"),
+])
+def test_bad_configs_fail_fast_with_exit_2(tmp_path, overrides, needle):
+    mini = ROOT.parent / "shared" / "data" / "imagenette-mini-96"
+    if any("SHARED_MINI" in o for o in overrides) and not mini.is_dir():
+        pytest.skip("../shared/data/imagenette-mini-96 is absent")
+    overrides = [o.replace("SHARED_MINI", str(mini)) for o in overrides]
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "train.py", "--config", "configs/demo.yaml",
+                           f"run.output_dir={tmp_path / 'run'}", *overrides], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error:") and needle in lines[0], proc.stderr
+    assert elapsed < 10
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_base_cycle_fails_fast(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    proc = subprocess.run([sys.executable, "train.py", "--config", str(tmp_path / "a.yaml")],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "cycle" in proc.stderr
+
+
+def test_fp16_overflow_is_absorbed_by_the_scaler(tmp_path, digits):
+    from tresnet_train.config import load_config
+    from tresnet_train.trainer import Trainer
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml",
+                      tiny_overrides(tmp_path / "run", digits, **{"train.amp": "fp16",
+                                                                  "train.epochs": 1}))
+    trainer = Trainer(cfg)
+    scaler = trainer.precision.scaler
+    assert scaler.is_enabled()
+    scaler._init_scale = 2.0 ** 100  # the first steps' fp16 gradients overflow to inf
+    assert trainer.fit() == 0
+    trainer.metrics.close()
+    assert scaler.get_scale() < 2.0 ** 100  # overflowing steps were skipped and the scale backed off
+    final = load(tmp_path / "run" / "last.pth")
+    assert all(torch.isfinite(t).all() for t in final["model"].values() if t.is_floating_point())
+
+
+def test_a_failing_rank_ends_the_job_with_its_error(tmp_path, digits):
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "tests/failing_rank_train.py", "--config", "configs/demo.yaml",
+         *tiny_overrides(tmp_path / "run", digits)],
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert "injected failure on rank 1 at step 3" in proc.stdout + proc.stderr
+    assert time.perf_counter() - t0 < 120
