@@ -150,6 +150,8 @@ def _coerce(value: Any, tp, key: str) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
+        if isinstance(value, str) and value.lower() == "none" and type(None) in typing.get_args(tp):
+            return None  # `key=none` on the command line clears an optional path
         for arg in typing.get_args(tp):
             try:
                 return _coerce(value, arg, key)
@@ -232,8 +234,6 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override '{text}': value is not valid YAML: {e}") from None
-    if isinstance(value, str) and value.lower() in ("none", "null"):
-        value = None
     return key.strip(), value
 
 
