@@ -1,0 +1,194 @@
+"""Small layers shared by the TResNet and ResNeSt models.
+
+Every layer builds on any device (CPU, CUDA, meta) and in any dtype: constants are non-persistent
+buffers, nothing calls `.cuda()` or `.half()` (the original TResNet anti-alias layer hard-coded
+`.cuda().half()` and could not be built without a GPU). Layer choices are passed in as classes.
+
+Sources:
+- SpaceToDepth stem, anti-aliased downsampling, "fast" global pooling: Ridnik et al., "TResNet: High
+  Performance GPU-Dedicated Architecture", WACV 2021 (https://github.com/Alibaba-MIIL/TResNet).
+- Blur pooling: Zhang, "Making Convolutional Networks Shift-Invariant Again", ICML 2019.
+- Squeeze-and-excitation: Hu et al., CVPR 2018. Stochastic depth: Huang et al., ECCV 2016.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SpaceToDepth(nn.Module):
+    """Moves each `block_size` x `block_size` pixel patch into channels (TResNet's stem, block 4)."""
+
+    def __init__(self, block_size: int = 4):
+        super().__init__()
+        self.block_size = block_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        b = self.block_size
+        x = x.reshape(n, c, h // b, b, w // b, b)  # (N, C, H/b, b, W/b, b)
+        x = x.permute(0, 3, 5, 1, 2, 4).contiguous()  # (N, b, b, C, H/b, W/b): official channel order
+        return x.reshape(n, c * b * b, h // b, w // b)  # (N, C*b*b, H/b, W/b)
+
+
+def binomial_filter_3x3() -> torch.Tensor:
+    """The 3x3 blur [1, 2, 1] x [1, 2, 1] / 16 of TResNet's anti-alias layer, shape (3, 3)."""
+    a = torch.tensor([1.0, 2.0, 1.0])
+    return torch.outer(a, a) / 16.0
+
+
+class BlurPool2d(nn.Module):
+    """Anti-aliased downsampling: reflect-pad by 1, 3x3 binomial blur per channel, stride 2.
+
+    The filter is a non-persistent buffer, so it is not part of the state dict (as in timm) and follows
+    the module across `.to()`. After building on the meta device and `to_empty()`, call
+    `reset_buffers()` (or `init_non_persistent_buffers` on the whole model) to fill it in.
+    """
+
+    def __init__(self, channels: int, stride: int = 2):
+        super().__init__()
+        self.channels = channels
+        self.stride = stride
+        self.register_buffer("filt", torch.empty(channels, 1, 3, 3), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        if self.filt.is_meta:
+            return
+        with torch.no_grad():
+            self.filt.copy_(binomial_filter_3x3().expand(self.channels, 1, 3, 3))  # (C, 1, 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        return F.conv2d(x, self.filt.to(x.dtype), stride=self.stride, groups=self.channels)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, stride={self.stride}"
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation: global mean -> 1x1 conv -> ReLU -> 1x1 conv -> sigmoid gate."""
+
+    def __init__(self, channels: int, rd_channels: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, rd_channels, kernel_size=1)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(rd_channels, channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean((2, 3), keepdim=True)  # (N, C, 1, 1)
+        s = self.fc2(self.act(self.fc1(s)))
+        return x * s.sigmoid()
+
+
+class FastGlobalAvgPool(nn.Module):
+    """Global average pool as a plain mean over H and W: (N, C, H, W) -> (N, C).
+
+    TResNet's "fast global average pooling": no adaptive-pool kernel, works in any memory format.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a sample's residual branch with probability `rate` and
+    scale the kept ones by 1 / (1 - rate). Identity in eval mode."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (N, 1, 1, 1)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+def drop_path_rates(rate: float, num_blocks: int) -> list[float]:
+    """Per-block stochastic depth, rising linearly from 0 at the first block to `rate` at the last."""
+    if num_blocks <= 1:
+        return [rate] * num_blocks
+    return [rate * i / (num_blocks - 1) for i in range(num_blocks)]
+
+
+class ConvNormAct(nn.Module):
+    """Conv (no bias) -> norm -> LeakyReLU (or none) -> optional anti-aliased stride-2 downsampling.
+
+    `norm_layer` is a class. A plain norm (nn.BatchNorm2d) is followed by a separate activation module,
+    so `nn.SyncBatchNorm.convert_sync_batchnorm` can swap it without losing the activation. A norm
+    class with `fuses_activation = True` (InPlace-ABN) takes the slope itself. `act_slope=None` means
+    no activation. With `aa_layer` and stride 2, the conv runs at stride 1 and `aa_layer` downsamples
+    (TResNet's anti-aliasing). State-dict keys: `conv.*`, `bn.*` (timm's names).
+    """
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        kernel_size: int,
+        stride: int = 1,
+        norm_layer: type[nn.Module] = nn.BatchNorm2d,
+        act_slope: float | None = None,
+        aa_layer: type[nn.Module] | None = None,
+    ):
+        super().__init__()
+        use_aa = aa_layer is not None and stride > 1
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride=1 if use_aa else stride,
+                              padding=kernel_size // 2, bias=False)
+        if getattr(norm_layer, "fuses_activation", False):
+            self.bn = norm_layer(out_chs, act_slope=act_slope)
+            self.act = nn.Identity()
+        else:
+            self.bn = norm_layer(out_chs)
+            self.act = nn.LeakyReLU(act_slope, inplace=True) if act_slope is not None else nn.Identity()
+        self.aa = aa_layer(out_chs, stride=stride) if use_aa else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn(self.conv(x)))
+        if self.aa is not None:
+            x = self.aa(x)
+        return x
+
+
+def init_non_persistent_buffers(model: nn.Module) -> nn.Module:
+    """Refill constant buffers that are not in the state dict (after `to_empty()` from meta)."""
+    for m in model.modules():
+        if isinstance(m, BlurPool2d):
+            m.reset_buffers()
+    return model
+
+
+NORM_CHOICES = ("auto", "bn", "iabn")
+
+
+def inplace_abn_available() -> bool:
+    """True when the `inplace_abn` package (and its compiled extension) imports."""
+    try:
+        import inplace_abn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_norm_layer(norm: str) -> type[nn.Module]:
+    """Norm class for `norm`: "bn" -> BatchNorm2d (+ separate LeakyReLU), "iabn" -> InPlace-ABN,
+    "auto" -> InPlace-ABN when CUDA is available and inplace_abn is installed, else BatchNorm2d.
+    Both give the same state-dict keys and the same outputs from the same weights."""
+    if norm not in NORM_CHOICES:
+        raise ValueError(f"norm={norm!r} is not one of {NORM_CHOICES}")
+    if norm == "auto":
+        norm = "iabn" if torch.cuda.is_available() and inplace_abn_available() else "bn"
+    if norm == "bn":
+        return nn.BatchNorm2d
+    if not inplace_abn_available():
+        raise ImportError("norm='iabn' needs inplace-abn: pip install setuptools_scm && "
+                          "pip install --no-build-isolation inplace-abn (or use norm='bn')")
+    from tresnet_train.models.inplace_abn_norm import InPlaceABNLeaky
+    return InPlaceABNLeaky
