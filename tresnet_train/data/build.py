@@ -1,0 +1,86 @@
+"""`build_loaders`: the one entry point the trainer calls (source, backend, splits, plans)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .dali_backend import DaliTrainLoader, DaliValLoader, dali_available
+from .digits import build_digits
+from .folder import DataError, index_split
+from .plan import TrainPlan, ValPlan
+from .synthetic import SyntheticTrainLoader, SyntheticValLoader
+from .torch_backend import TorchTrainLoader, TorchValLoader
+from .transforms import Preprocess
+
+log = logging.getLogger(__name__)
+
+
+def resolve_backend(name: str) -> str:
+    """auto -> dali when nvidia-dali is importable, else torch."""
+    if name == "auto":
+        return "dali" if dali_available() else "torch"
+    if name == "dali" and not dali_available():
+        raise DataError("data.backend=dali but NVIDIA DALI is not installed: pip install "
+                        "'tresnet-train[dali]' (CUDA 12) or '[dali-cu13]', or set data.backend=torch")
+    if name not in ("dali", "torch"):
+        raise DataError(f"data.backend={name!r}: expected auto, dali or torch")
+    return name
+
+
+def dataset_root(data_cfg) -> Path | None:
+    """The ImageFolder root for folder and digits sources (digits is built on first use)."""
+    if data_cfg.source == "synthetic":
+        return None
+    if data_cfg.source == "digits":
+        return build_digits(data_cfg.root or None)
+    return Path(data_cfg.root).expanduser()
+
+
+def _check_randaugment(spec: str) -> None:
+    if not spec:
+        return
+    from timm.data.auto_augment import rand_augment_transform
+    try:
+        rand_augment_transform(spec, {})
+    except Exception as e:  # noqa: BLE001 - timm asserts on malformed specs
+        raise DataError(f"data.randaugment={spec!r} is not a valid timm RandAugment spec ({e}); "
+                        f"example: rand-m9-mstd0.5-inc1") from None
+
+
+def build_loaders(cfg, data_config: dict, world, device: torch.device):
+    """(train_loader, val_loader) for this rank; see tresnet_train/data/__init__.py for the contract."""
+    d = cfg.data
+    pre = Preprocess.from_config(d, data_config)
+    _check_randaugment(d.randaugment)
+    val_batch = d.val_batch_size or d.batch_size
+    repeats = max(1, d.repeated_aug)
+    if d.source == "synthetic":
+        train_plan = TrainPlan(d.synthetic_size, d.batch_size, world.world_size, world.rank,
+                               cfg.run.seed)
+        val_plan = ValPlan(d.synthetic_size, val_batch, world.world_size, world.rank)
+        n = cfg.model.num_classes
+        return (SyntheticTrainLoader(train_plan, n, pre, device),
+                SyntheticValLoader(val_plan, n, pre, device))
+
+    root = dataset_root(d)
+    backend = resolve_backend(d.backend)
+    threads = min(32, max(4, 2 * d.workers))
+    train = index_split(root, "train", strict=d.strict, threads=threads)
+    val = index_split(root, "val", strict=d.strict, threads=threads)
+    train_plan = TrainPlan(len(train.samples), d.batch_size, world.world_size, world.rank,
+                           cfg.run.seed, repeats)
+    val_plan = ValPlan(len(val.samples), val_batch, world.world_size, world.rank)
+    if backend == "dali":
+        loaders = (DaliTrainLoader(train, train_plan, pre, device, d.workers),
+                   DaliValLoader(val, val_plan, pre, device, d.workers))
+    else:
+        loaders = (TorchTrainLoader(train, train_plan, pre, device, d.workers, d.strict),
+                   TorchValLoader(val, val_plan, pre, device, d.workers, d.strict))
+    log.info("data: %s backend on %s | %d classes | train %d images, %d steps of %d per rank x %d "
+             "rank(s) | val %d images, %d steps of %d | train crop %d, eval resize %d crop %d (%s)",
+             backend, device, len(train.classes), len(train.samples), train_plan.steps, d.batch_size,
+             world.world_size, len(val.samples), val_plan.steps, val_batch, pre.img_size,
+             pre.val_resize, pre.val_img_size, pre.interpolation)
+    return loaders

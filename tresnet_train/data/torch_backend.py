@@ -1,0 +1,184 @@
+"""The torch backend: torchvision transforms in DataLoader workers, pinned memory, a device prefetcher.
+
+Exact resume: each sample's augmentation is seeded from (seed, epoch, global position) inside
+`__getitem__` (torch, numpy and `random`, which timm's RandAugment uses), so the pixels do not depend
+on which worker decoded the sample or where the run was resumed; the main process's global RNG
+states are restored afterwards (workers=0 runs in the main process). A file that fails to decode
+despite the indexing check is replaced by the next sample, reported once, and listed in `skipped`
+(with data.strict=true it is a DataError instead).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .folder import DataError, Split
+from .plan import ResumableTrainLoader, TrainPlan, ValPlan
+from .transforms import Normalize, Preprocess, eval_transform, load_rgb, train_transform
+
+log = logging.getLogger(__name__)
+
+_MAX_TRIES = 10  # consecutive undecodable files before giving up on a sample
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Seed torch's CPU generator, numpy and `random` for one sample; restore them afterwards."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    cpu_state = torch.random.get_rng_state()
+    torch.random.default_generator.manual_seed(seed)  # CPU only: CUDA generators are left alone
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.random.set_rng_state(cpu_state)
+
+
+class ImageDataset(Dataset):
+    """Decodes `samples[i]`; the key is (index, seed or -1 for none, is_padding)."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform):
+        # numpy arrays, not a list of tuples: forked workers would otherwise copy it page by page
+        # as reference counts change (the copy-on-write growth known from ImageNet DataLoaders).
+        self.paths = np.array([os.fsencode(p) for p, _ in samples])
+        self.targets = np.array([t for _, t in samples], dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key):
+        index, seed, pad = key
+        failures = []
+        for attempt in range(_MAX_TRIES):
+            i = (index + attempt) % len(self)
+            path = os.fsdecode(self.paths[i])
+            try:
+                with _seeded(seed) if seed >= 0 else contextlib.nullcontext():
+                    image = self.transform(load_rgb(path))
+                return image, -1 if pad else int(self.targets[i]), "\n".join(failures)
+            except Exception as e:  # noqa: BLE001 - a bad file must not end the run
+                failures.append(f"{path}\t{type(e).__name__}: {e}")
+        raise DataError(f"{_MAX_TRIES} consecutive files failed to decode, starting at "
+                        f"{os.fsdecode(self.paths[index])}: {failures[-1]}")
+
+
+class _BatchKeys:
+    """A batch sampler whose batches are computed when the DataLoader starts iterating."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __iter__(self):
+        return iter(self.make())
+
+
+class _DeviceBatches:
+    """Moves batches to the device and normalises them; on CUDA the copy of batch i+1 runs on a side
+    stream while the model works on batch i (the prefetcher of NVIDIA's and timm's ImageNet loaders)."""
+
+    def __init__(self, device: torch.device, normalize: Normalize, on_failures):
+        self.device, self.normalize, self.on_failures = device, normalize, on_failures
+
+    def __call__(self, batches):
+        if self.device.type != "cuda":
+            for images, targets, failures in batches:
+                self.on_failures(failures)
+                yield self.normalize(images.to(self.device)), targets.to(self.device)
+            return
+        stream = torch.cuda.Stream(self.device)
+        main = torch.cuda.current_stream(self.device)
+        ready = None
+        for images, targets, failures in batches:
+            self.on_failures(failures)
+            with torch.cuda.stream(stream):
+                images = self.normalize(images.to(self.device, non_blocking=True))
+                targets = targets.to(self.device, non_blocking=True)
+            if ready is not None:
+                yield ready
+            main.wait_stream(stream)
+            images.record_stream(main)
+            targets.record_stream(main)
+            ready = images, targets
+        if ready is not None:
+            yield ready
+
+
+class _FailureLog:
+    def __init__(self, strict: bool, skipped: list[str]):
+        self.strict, self.skipped = strict, skipped
+
+    def __call__(self, failures: list[str]) -> None:
+        for text in filter(None, "\n".join(failures).split("\n")):
+            path, _, why = text.partition("\t")
+            if self.strict:
+                raise DataError(f"{path} cannot be decoded ({why}); fix or delete it, or set "
+                                f"data.strict=false to skip undecodable files")
+            if path not in self.skipped:
+                self.skipped.append(path)
+                log.warning("skipping undecodable image %s (%s); %d skipped so far", path, why,
+                            len(self.skipped))
+
+
+def _loader(dataset, batch_keys, workers: int, device: torch.device, persistent: bool) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=batch_keys, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=persistent and workers > 0,
+                      prefetch_factor=4 if workers > 0 else None)
+
+
+class TorchTrainLoader(ResumableTrainLoader):
+    backend = "torch"
+
+    def __init__(self, split: Split, plan: TrainPlan, pre: Preprocess, device: torch.device,
+                 workers: int, strict: bool):
+        super().__init__(plan, split.classes, split.skipped)
+        self.samples = split.samples
+        self._keys = _BatchKeys(self._epoch_keys)
+        self._pending = (0, 0)
+        self._loader = _loader(ImageDataset(split.samples, train_transform(pre)), self._keys,
+                               workers, device, persistent=True)
+        self._to_device = _DeviceBatches(device, Normalize(pre, device),
+                                         _FailureLog(strict, self.skipped))
+
+    def _epoch_keys(self):
+        epoch, start = self._pending
+        b = self.batch_size
+        indices = self.plan.rank_indices(epoch)[start * b:].tolist()
+        seeds = self.plan.rank_seeds(epoch)[start * b:].tolist()
+        keys = [(i, s, False) for i, s in zip(indices, seeds)]
+        return [keys[k:k + b] for k in range(0, len(keys), b)]
+
+    def _batches(self, epoch: int, start_step: int):
+        self._pending = (epoch, start_step)
+        return self._to_device(iter(self._loader))
+
+
+class TorchValLoader:
+    """Every image once across ranks; padding samples carry target -1; same step count everywhere."""
+
+    def __init__(self, split: Split, plan: ValPlan, pre: Preprocess, device: torch.device,
+                 workers: int, strict: bool):
+        self.classes, self.skipped, self.plan = split.classes, list(split.skipped), plan
+        self.num_images = plan.num_samples
+        indices, pad = plan.rank_indices()
+        keys = [(int(i), -1, bool(p)) for i, p in zip(indices, pad)]
+        batches = [keys[k:k + plan.batch_size] for k in range(0, len(keys), plan.batch_size)]
+        self._loader = _loader(ImageDataset(split.samples, eval_transform(pre)),
+                               _BatchKeys(lambda: batches), workers, device, persistent=False)
+        self._to_device = _DeviceBatches(device, Normalize(pre, device),
+                                         _FailureLog(strict, self.skipped))
+
+    def __len__(self) -> int:
+        return self.plan.steps
+
+    def __iter__(self):
+        return self._to_device(iter(self._loader))

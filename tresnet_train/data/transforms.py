@@ -1,0 +1,88 @@
+"""Preprocessing settings shared by both backends, and the torchvision/timm transforms (torch backend).
+
+Train: random-resized-crop (scale from data.scale, aspect 3/4..4/3), horizontal flip, optional timm
+RandAugment (same hyper-parameters as timm's `create_transform`). Eval: resize the shorter side to
+floor(img_size / crop_pct), center crop img_size (timm's eval transform). Images leave the workers as
+uint8 CHW tensors and are normalised on the device ((x / 255 - mean) / std; TResNet: mean 0, std 1).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as F
+from PIL import Image
+
+_INTERP = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
+           "nearest": T.InterpolationMode.NEAREST}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Everything both backends need to produce the same tensors; built from config + data config."""
+    img_size: int  # train crop, pixels
+    val_img_size: int  # eval crop, pixels
+    crop_pct: float  # eval crop fraction
+    interpolation: str  # bilinear | bicubic (the model's data config)
+    mean: tuple[float, float, float]  # on the [0, 1] scale
+    std: tuple[float, float, float]
+    scale: tuple[float, float]  # random-resized-crop area range
+    hflip: float
+    randaugment: str  # timm spec or ""
+
+    @property
+    def val_resize(self) -> int:
+        """Shorter side before the center crop (timm: floor(img_size / crop_pct))."""
+        return math.floor(self.val_img_size / self.crop_pct)
+
+    @classmethod
+    def from_config(cls, data_cfg, data_config: dict) -> "Preprocess":
+        interp = data_config.get("interpolation", "bilinear")
+        if interp not in _INTERP:
+            interp = "bilinear"  # timm's 'random' etc.: eval needs one fixed filter
+        return cls(img_size=data_cfg.img_size, val_img_size=data_cfg.val_img_size or data_cfg.img_size,
+                   crop_pct=data_cfg.crop_pct or float(data_config.get("crop_pct", 0.875)),
+                   interpolation=interp, mean=tuple(float(m) for m in data_config.get("mean", (0, 0, 0))),
+                   std=tuple(float(s) for s in data_config.get("std", (1, 1, 1))),
+                   scale=tuple(data_cfg.scale), hflip=float(data_cfg.hflip),
+                   randaugment=data_cfg.randaugment)
+
+
+class Normalize:
+    """uint8 (or 0..255 float) NCHW -> float32 (x / 255 - mean) / std, on whatever device x is on."""
+
+    def __init__(self, pre: Preprocess, device: torch.device):
+        std = torch.tensor(pre.std, dtype=torch.float32)
+        self.scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(device)
+        self.shift = (torch.tensor(pre.mean, dtype=torch.float32) / std).view(1, 3, 1, 1).to(device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().mul_(self.scale).sub_(self.shift)
+
+
+def load_rgb(path: str) -> Image.Image:
+    """torchvision's default loader: Pillow, converted to RGB (CMYK, greyscale, palette all work)."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        return img.convert("RGB")
+
+
+def train_transform(pre: Preprocess) -> T.Compose:
+    interp = _INTERP[pre.interpolation]
+    tfs = [T.RandomResizedCrop(pre.img_size, scale=pre.scale, ratio=(3 / 4, 4 / 3), interpolation=interp),
+           T.RandomHorizontalFlip(pre.hflip)]
+    if pre.randaugment:
+        from timm.data.auto_augment import rand_augment_transform
+        hparams = {"translate_const": int(pre.img_size * 0.45),
+                   "img_mean": tuple(min(255, round(255 * m)) for m in pre.mean),
+                   "interpolation": F.pil_modes_mapping[interp]}
+        tfs.append(rand_augment_transform(pre.randaugment, hparams))
+    tfs.append(T.PILToTensor())  # uint8 CHW
+    return T.Compose(tfs)
+
+
+def eval_transform(pre: Preprocess) -> T.Compose:
+    return T.Compose([T.Resize(pre.val_resize, interpolation=_INTERP[pre.interpolation]),
+                      T.CenterCrop(pre.val_img_size), T.PILToTensor()])
