@@ -1,0 +1,366 @@
+"""`validate.py`: top-1/top-5/loss of a checkpoint on an ImageFolder validation split.
+
+    resolve (checkpoint, model, classes, preprocessing: seconds, no GPU) -> distributed world
+    -> model -> val loader -> `engine.evaluate` (the trainer's own eval loop) -> table, JSON, CSV
+
+Checkpoints: ours (written by the trainer: model name, data config and the training config are read
+from it, so no config file is needed), timm-format state dicts and the official TResNet release
+format (these two need `--model NAME`). Every file is read with `torch.load(weights_only=True)`: a
+pickle that would run code is refused before anything in it runs.
+
+Preprocessing defaults to what the trainer validated with (the checkpoint's data.val_img_size or
+data.img_size, data.crop_pct or the model's crop_pct), so validating `best.pth` reproduces the
+top-1 the trainer logged. Under torchrun every rank reads a round-robin shard padded with target -1
+samples, which the evaluator ignores: each image counts exactly once.
+
+Exit codes: 0 done; 2 a problem the user can fix (usage, unreadable or refused checkpoint, class
+count mismatch, unknown model, bad data folder), reported as one line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, from_dict
+from .distributed import World, barrier, cleanup, gather_objects, init_distributed, world_from_env
+from .engine import evaluate
+from .precision import Precision
+
+log = logging.getLogger("tresnet_train")
+
+EXIT_OK, EXIT_USAGE = 0, 2
+
+
+class ValidationError(ValueError):
+    """A problem the user can fix; the message names the file or flag and what to do."""
+
+
+# ---- command line ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="validate.py",
+        description="Top-1/top-5 of a checkpoint on an ImageFolder validation split "
+                    "(also under torchrun: every image is counted once).",
+        epilog="Example: python validate.py --ckpt runs/tresnet_m/best.pth --data /data/imagenet")
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint: ours (train.py output), a timm state dict or an official TResNet "
+                        "file (the last two need --model)")
+    p.add_argument("--data", required=True,
+                   help="ImageFolder root holding val/, or the val/ folder itself (one folder per class)")
+    p.add_argument("--model", default=None,
+                   help="model name (registered or timm/<name>); default: read from our checkpoints")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="eval crop, pixels (default: the size the checkpoint was validated at, else "
+                        "the model's)")
+    p.add_argument("--crop-pct", type=float, default=None,
+                   help="center-crop fraction: resize the short side to img_size / crop_pct first "
+                        "(default: the checkpoint's, else the model's, 0.875 for TResNet)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per process per step (default: the checkpoint's val batch, else 64)")
+    p.add_argument("--backend", choices=("auto", "dali", "torch"), default="auto",
+                   help="decoder: auto = DALI when installed, else torchvision")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--ema", dest="ema", action="store_true", default=None,
+                         help="evaluate the checkpoint's EMA weights")
+    weights.add_argument("--no-ema", dest="ema", action="store_false",
+                         help="evaluate the model weights (default: whichever the trainer found best)")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
+                   help="autocast dtype (auto = bf16 on GPU, none on CPU)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--workers", type=int, default=None,
+                   help="loader workers (torch) or threads (DALI) per process (default: the "
+                        "checkpoint's data.workers, else 8)")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON here")
+    p.add_argument("--predictions", default=None, metavar="CSV",
+                   help="write one row per image: path,label,pred,prob (class folder names; prob is "
+                        "the softmax probability of pred)")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for flag, value in (("--img-size", args.img_size), ("--batch-size", args.batch_size)):
+        if value is not None and value <= 0:
+            raise ValidationError(f"{flag} must be > 0, got {value}")
+    if args.workers is not None and args.workers < 0:
+        raise ValidationError(f"--workers must be >= 0, got {args.workers}")
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise ValidationError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+
+
+# ---- what to evaluate -------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """Everything resolved before any GPU or decoding work."""
+    model: nn.Module  # on the CPU, weights loaded
+    model_name: str
+    weights: str  # model | ema (our checkpoints, a timm/official file's "ema") | state_dict
+    fmt: str  # tresnet-train | timm | official
+    cfg: Config  # the checkpoint's config (defaults for other formats) with this run's settings
+    data_config: dict  # the model's preprocessing facts (interpolation, mean, std, ...)
+    val_dir: Path
+    classes: list[str]
+    trainer_val: dict  # the trainer's last validation before the checkpoint was saved (ours only)
+
+
+def val_folder(data: str | Path) -> Path:
+    """`data` is an ImageFolder root (use its val/) or the val folder itself."""
+    data = Path(data).expanduser()
+    if not data.is_dir():
+        raise ValidationError(f"--data {data}: folder not found (give an ImageFolder root holding "
+                              f"val/, or the val/ folder itself)")
+    return data / "val" if (data / "val").is_dir() else data
+
+
+def _head_key(model: nn.Module) -> str | None:
+    """State-dict key of the classifier weight (None for models without one)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    return f"{name}.weight" if name else None
+
+
+def _load_strict(model: nn.Module, state_dict: dict, what: str) -> None:
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise ValidationError(f"{what} do not fit {type(model).__name__}: {detail}; is --model "
+                              f"right?") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise ValidationError(
+            f"{what} do not fit {type(model).__name__}: {len(result.missing_keys)} missing keys "
+            f"{result.missing_keys[:3]}, {len(result.unexpected_keys)} unexpected keys "
+            f"{result.unexpected_keys[:3]}; is --model right?")
+
+
+def resolve(args: argparse.Namespace) -> Plan:
+    """Read the checkpoint, check the classes, build the model with its weights (CPU), and settle
+    the preprocessing. Identical on every rank, so an error surfaces before any collective."""
+    from .data import DataError, index_images
+    from .models import UnknownModelError, create_model, get_data_config, is_known_model
+    from .models.checkpoints import (detect_format, select_state_dict, strip_wrapper_prefixes,
+                                     to_timm_layout)
+
+    state = ckpt.load(args.ckpt)  # weights_only: a pickle that would run code is refused here
+    if not isinstance(state, dict):
+        raise ValidationError(f"{args.ckpt} holds a {type(state).__name__}, not a checkpoint or "
+                              f"state dict")
+    ours = "model_name" in state and isinstance(state.get("config"), dict)
+    name = args.model or (state["model_name"] if ours else None)
+    if name is None:
+        raise ValidationError(f"{args.ckpt} is not a tresnet-train checkpoint (no model name inside): "
+                              f"pass --model NAME (e.g. --model tresnet_m, or timm/<name>)")
+    if not is_known_model(name):
+        try:
+            create_model(name)
+        except UnknownModelError as e:
+            raise ValidationError(f"--model: {e}") from None
+
+    # which weights, in timm/our key layout
+    if ours:
+        try:
+            cfg = from_dict(state["config"])
+        except ConfigError as e:
+            raise ValidationError(f"{args.ckpt}: its stored config is not valid here ({e})") from None
+        weights = "ema" if (args.ema if args.ema is not None else state.get("best_source") == "ema") \
+            else "model"
+        fmt, raw = "tresnet-train", state.get(weights)
+        data_config = dict(state.get("data_config") or get_data_config(name))
+    else:
+        cfg, data_config = Config(), get_data_config(name)
+        cfg.model.name = name
+        weights = "ema" if args.ema else "state_dict"
+        try:
+            raw = select_state_dict(state, use_ema=bool(args.ema), source=str(args.ckpt))
+        except ValueError as e:
+            raise ValidationError(str(e)) from None
+        fmt = detect_format(strip_wrapper_prefixes(raw))
+    if not isinstance(raw, dict):
+        raise ValidationError(f"{args.ckpt} holds no {weights} weights (EMA is absent when trained "
+                              f"with train.ema=false): use --no-ema")
+    state_dict = to_timm_layout(raw)
+
+    # the classes: the folder's count must be the model's
+    val_dir = val_folder(args.data)
+    try:
+        classes = index_images(val_dir, verify=False).classes
+    except DataError as e:
+        raise ValidationError(f"--data: {e}") from None
+
+    def check_count(num_classes: int) -> None:
+        if num_classes != len(classes):
+            raise ValidationError(
+                f"class count mismatch: {args.ckpt} was trained on {num_classes} classes but "
+                f"{val_dir} has {len(classes)} class folders; validate on the dataset the "
+                f"checkpoint was trained on")
+
+    if ours:
+        check_count(cfg.model.num_classes)
+    model = create_model(name, num_classes=len(classes))
+    head = _head_key(model)
+    if not ours and head in state_dict:  # the classifier's shape: the classes it was trained on
+        check_count(state_dict[head].shape[0])
+    if ours and state.get("classes") and list(state["classes"]) != classes:
+        log.warning("warning: the class folder names in %s differ from the ones %s was trained on "
+                    "(same count, %d): labels follow the sorted folder names", val_dir, args.ckpt,
+                    len(classes))
+    _load_strict(model, state_dict, f"the {weights} weights in {args.ckpt}")
+
+    # this run's settings on top of what the trainer used (ours) or the defaults (other formats)
+    d = cfg.data
+    d.source, d.root, d.backend = "folder", str(val_dir), args.backend
+    if args.img_size is not None:
+        d.val_img_size = args.img_size
+    elif not ours:
+        d.val_img_size = int(data_config["input_size"][-1])
+    if args.crop_pct is not None:
+        d.crop_pct = args.crop_pct
+    d.val_batch_size = args.batch_size or d.val_batch_size or d.batch_size
+    if args.workers is not None:
+        d.workers = args.workers
+    cfg.train.amp, cfg.run.device = args.amp, args.device
+    return Plan(model=model, model_name=name, weights=weights, fmt=fmt, cfg=cfg,
+                data_config=data_config, val_dir=val_dir, classes=classes,
+                trainer_val=dict(state.get("val") or {}) if ours else {})
+
+
+def build_val_loader(plan: Plan, world: World, device: torch.device):
+    """The trainer's val loader (same preprocessing, plan and padding) for a lone val folder.
+
+    `data.build_loaders` needs train/ beside val/; here only the val folder is required.
+    Returns (loader, split, preprocess, backend name).
+    """
+    from .data import Preprocess, ValPlan, index_images, resolve_backend
+    from .data.dali_backend import DaliValLoader
+    from .data.torch_backend import TorchValLoader
+
+    d = plan.cfg.data
+    pre = Preprocess.from_config(d, plan.data_config)
+    backend = resolve_backend(d.backend)
+    split = index_images(plan.val_dir, plan.classes, strict=d.strict,
+                         threads=min(32, max(4, 2 * d.workers)))
+    val_plan = ValPlan(len(split.samples), d.val_batch_size, world.world_size, world.rank)
+    if backend == "dali":
+        loader = DaliValLoader(split, val_plan, pre, device, d.workers)
+    else:
+        loader = TorchValLoader(split, val_plan, pre, device, d.workers, d.strict)
+    return loader, split, pre, backend
+
+
+class Predictions:
+    """Per-image (pred, prob, label) kept on the device during the loop; read once at the end."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.parts: list[torch.Tensor] = []
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        if self.enabled:
+            prob, pred = logits.softmax(dim=1).max(dim=1)
+            self.parts.append(torch.stack([pred.double(), prob.double(), targets.double()], dim=1))
+
+    def rows(self, indices) -> list[tuple[int, int, float, int]]:
+        """This rank's (sample index, pred, prob, label) for real images, in loader order."""
+        if not self.parts:
+            return []
+        table = torch.cat(self.parts).cpu().tolist()  # host sync: after the loop
+        return [(int(i), int(p), prob, int(t)) for i, (p, prob, t) in zip(indices, table) if t >= 0]
+
+
+def write_predictions(path: str | Path, rows, split, classes: list[str]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "pred", "prob"])
+        for i, pred, prob, label in sorted(rows):
+            w.writerow([split.samples[i][0], classes[label], classes[pred], f"{prob:.6f}"])
+
+
+def report(result: dict) -> str:
+    """The short human table."""
+    r = result
+    lines = [
+        ("model", f"{r['model']} ({r['weights']} weights, {r['format']} format)"),
+        ("checkpoint", r["checkpoint"]),
+        ("data", f"{r['data']} ({r['num_images']} images, {r['num_classes']} classes)"),
+        ("preprocess", f"resize {r['resize']}, center crop {r['img_size']} (crop_pct "
+                       f"{r['crop_pct']:g}, {r['interpolation']}), {r['backend']} backend"),
+        ("top-1", f"{r['top1']:.3f} %"),
+        ("top-5", f"{r['top5']:.3f} %"),
+        ("loss", f"{r['loss']:.4f}"),
+        ("throughput", f"{r['images_per_s']:,.0f} img/s ({r['world_size']} process(es) on "
+                       f"{r['device']}, amp {r['amp']}, batch {r['batch_size']} per process)"),
+    ]
+    if "trainer_val_top1" in r:
+        lines.append(("trainer", f"top-1 {r['trainer_val_top1']:.3f} % at its last validation "
+                                 f"before saving (its own img size and crop)"))
+    return "\n".join(f"{k:<12}{v}" for k, v in lines)
+
+
+# ---- the run --------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> dict:
+    """Validate as the arguments say; returns the result dict (the same on every rank)."""
+    plan = resolve(args)  # cheap and identical on every rank: errors surface before any collective
+    world, device = init_distributed(plan.cfg.run.device)
+    from .logs import setup_console
+    setup_console(world)
+    model = plan.model.to(device).eval()
+    loader, split, pre, backend = build_val_loader(plan, world, device)
+    precision = Precision(plan.cfg.train.amp, device)
+    predictions = Predictions(args.predictions is not None)
+
+    barrier()
+    t0 = time.perf_counter()
+    metrics = evaluate(model, loader, precision, device, on_batch=predictions)  # syncs at its end
+    elapsed = max(gather_objects(time.perf_counter() - t0))  # the slowest rank's loop
+
+    result = {
+        "model": plan.model_name, "checkpoint": str(args.ckpt), "weights": plan.weights,
+        "format": plan.fmt, **metrics, "num_classes": len(plan.classes), "img_size": pre.val_img_size,
+        "crop_pct": pre.crop_pct, "resize": pre.val_resize, "interpolation": pre.interpolation,
+        "backend": backend, "amp": precision.amp, "batch_size": plan.cfg.data.val_batch_size,
+        "world_size": world.world_size, "device": str(device), "data": str(plan.val_dir),
+        "skipped_images": len(split.skipped), "eval_seconds": elapsed,
+        "images_per_s": metrics["num_images"] / max(elapsed, 1e-9),
+    }
+    if f"{plan.weights}_top1" in plan.trainer_val:
+        result["trainer_val_top1"] = plan.trainer_val[f"{plan.weights}_top1"]
+
+    if args.predictions is not None:
+        indices, _ = loader.plan.rank_indices()  # the order this rank's loader read the images in
+        rows = [r for part in gather_objects(predictions.rows(indices.tolist())) for r in part]
+        if world.is_main:
+            write_predictions(args.predictions, rows, split, plan.classes)
+    if world.is_main:
+        print(report(result), flush=True)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    barrier()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # a usage error exits 2 with argparse's message
+    from .data import DataError
+    try:
+        check_args(args)
+        run(args)
+        return EXIT_OK
+    except (ValidationError, ckpt.CheckpointError, ConfigError, DataError) as e:
+        if world_from_env().is_main:
+            print(f"validate.py: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        cleanup()
+
