@@ -13,15 +13,20 @@ antialiased, and EXIF orientation is ignored as Pillow does; measured against th
 the mean absolute difference is below one grey level (tests/test_data.py).
 
 The reader reads this rank's file list of the plan (`plan.py`), which already excludes undecodable
-files (DALI cannot skip one), so both backends see the same images in the same order. A fresh
-pipeline is built per epoch with a seed from (seed, epoch, rank); mid-epoch resume restores DALI's
-own pipeline checkpoint (reader position and every operator's random state).
+files (DALI cannot skip one), so both backends see the same images in the same order. Each epoch
+gets a fresh pipeline (its file list, a seed from (seed, epoch, rank)), deserialised from the graph
+traced once; mid-epoch resume restores DALI's own pipeline checkpoint (reader position and every
+operator's random state).
 """
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
+import tempfile
 import warnings
+import weakref
 
 import torch
 
@@ -113,14 +118,14 @@ class _Dali:
             mean=[255.0 * m for m in pre.mean], std=[255.0 * s for s in pre.std], **extra)
 
 
-def _train_pipeline(d: _Dali, pre: Preprocess, ra: dict | None, files, labels, batch_size: int,
-                    seed: int, checkpoint: str | None):
+def _train_pipeline(d: _Dali, pre: Preprocess, ra: dict | None, file_list: str, batch_size: int,
+                    seed: int):
+    """Trace and build the train pipeline; it reads `file_list` ("path label" lines)."""
     fn, types = d.fn, d.types
 
     @d.pipeline_def(enable_conditionals=ra is not None)
     def pipeline():
-        jpegs, targets = fn.readers.file(files=files, labels=labels, random_shuffle=False,
-                                         name="Reader")
+        jpegs, targets = fn.readers.file(file_list=file_list, random_shuffle=False, name="Reader")
         images = fn.decoders.image_random_crop(
             jpegs, output_type=types.RGB, random_area=list(pre.scale),
             random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, adjust_orientation=False,
@@ -139,16 +144,34 @@ def _train_pipeline(d: _Dali, pre: Preprocess, ra: dict | None, files, labels, b
         return images, targets
 
     # DALI's own auto_aug module calls deprecated aliases of its operators and forces the warning
-    # on; record and drop those (only those) instead of printing them for every epoch's pipeline.
+    # on; record and drop those (only those) instead of printing them.
     with warnings.catch_warnings(record=True) as caught:
         pipe = pipeline(batch_size=batch_size, num_threads=d.threads, device_id=d.device_id,
-                        seed=seed, prefetch_queue_depth=2, enable_checkpointing=True,
-                        checkpoint=checkpoint)
+                        seed=seed, prefetch_queue_depth=2, enable_checkpointing=True)
         pipe.build()
     for w in caught:
         if not (issubclass(w.category, DeprecationWarning) and "nvidia.dali" in str(w.message)):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return pipe
+
+
+def _rebuild(d: _Dali, graph: bytes, batch_size: int, seed: int, checkpoint: bytes | None):
+    """The traced graph again, with a new seed and optionally a checkpoint to restore.
+
+    Tracing RandAugment's conditional graph takes seconds; deserialising takes ~50 ms and, with the
+    same seed, gives the same numbers as a fresh trace (checked in tests/test_data.py).
+    `Pipeline.deserialize` takes no checkpoint argument, so the instance it creates gets it from
+    the constructor of this subclass.
+    """
+    from nvidia.dali import Pipeline
+
+    class _Restoring(Pipeline):
+        def __init__(self):  # Pipeline.deserialize instantiates cls() without arguments
+            super().__init__(enable_checkpointing=True, checkpoint=checkpoint)
+
+    return _Restoring.deserialize(graph, batch_size=batch_size, num_threads=d.threads,
+                                  device_id=d.device_id, seed=seed, prefetch_queue_depth=2,
+                                  enable_checkpointing=True)
 
 
 def _val_pipeline(d: _Dali, pre: Preprocess, files, labels, batch_size: int):
@@ -195,6 +218,7 @@ def _unpack(out: list[dict], device: torch.device) -> tuple[torch.Tensor, torch.
 
 
 def _bytes_tensor(data: bytes | str) -> torch.Tensor:
+    """DALI's serialized checkpoint as a uint8 tensor (plain data for weights_only loading)."""
     raw = data.encode() if isinstance(data, str) else bytes(data)
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
 
@@ -208,18 +232,31 @@ class DaliTrainLoader(ResumableTrainLoader):
         self.samples, self.pre, self.device = split.samples, pre, device
         self._d = _Dali(device, workers)
         self._ra = parse_randaugment(pre.randaugment) if pre.randaugment else None
+        if any("\n" in path for path, _ in self.samples):
+            raise DataError("DALI's file list cannot hold a file name with a newline; rename it or "
+                            "use data.backend=torch")
+        self._graph = None  # the traced pipeline, serialized; rebuilt per epoch with a new seed
+        tmp = tempfile.mkdtemp(prefix="tresnet-dali-")
+        self._file_list = os.path.join(tmp, "files.txt")
+        weakref.finalize(self, shutil.rmtree, tmp, True)
         self._live = None  # (epoch, origin step, iterator) of the pipeline being read
         self._resume = None  # (epoch, step, origin, checkpoint) from load_state_dict
 
-    def _iterator(self, epoch: int, origin: int, checkpoint: str | None):
+    def _iterator(self, epoch: int, origin: int, checkpoint: bytes | None):
         """The epoch's pipeline; `origin` > 0 reads from that step on with its own seed (used only
         when a mid-epoch start has no checkpoint to restore)."""
         b = self.batch_size
         indices = self.plan.rank_indices(epoch)[origin * b:].tolist()
-        files = [self.samples[i][0] for i in indices]
-        labels = [self.samples[i][1] for i in indices]
+        with open(self._file_list, "w") as f:  # read by the reader when the pipeline is built
+            f.writelines(f"{self.samples[i][0]} {self.samples[i][1]}\n" for i in indices)
         seed = derive_seed(self.plan.seed, epoch, self.plan.rank, origin)
-        pipe = _train_pipeline(self._d, self.pre, self._ra, files, labels, b, seed, checkpoint)
+        if self._graph is None:
+            pipe = _train_pipeline(self._d, self.pre, self._ra, self._file_list, b, seed)
+            self._graph = pipe.serialize()
+            if checkpoint is not None:
+                pipe = _rebuild(self._d, self._graph, b, seed, checkpoint)
+        else:
+            pipe = _rebuild(self._d, self._graph, b, seed, checkpoint)
         return self._d.Iterator([pipe], ["images", "targets"], reader_name="Reader",
                                 last_batch_policy=self._d.LastBatchPolicy.DROP, auto_reset=False)
 
@@ -256,7 +293,7 @@ class DaliTrainLoader(ResumableTrainLoader):
         super().load_state_dict(state)
         dali = state.get("dali")
         if dali is not None and state.get("plan") == self.plan.identity():
-            checkpoint = bytes(dali["checkpoint"].numpy().tobytes()).decode()
+            checkpoint = dali["checkpoint"].numpy().tobytes()
             self._resume = (self.epoch, self.next_step, int(dali["origin"]), checkpoint)
         self._live = None
 

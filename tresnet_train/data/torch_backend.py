@@ -72,14 +72,20 @@ class ImageDataset(Dataset):
                         f"{os.fsdecode(self.paths[index])}: {failures[-1]}")
 
 
-class _BatchKeys:
-    """A batch sampler whose batches are computed when the DataLoader starts iterating."""
+class _TrainKeys:
+    """Batch sampler: the keys of this rank's batches of `epoch` from `start` on, computed when the
+    DataLoader starts iterating. Holds no reference to the loader (a cycle through the DataLoader
+    would leave its worker shutdown to the garbage collector, which stalls on worker joins)."""
 
-    def __init__(self, make):
-        self.make = make
+    def __init__(self, plan: TrainPlan):
+        self.plan, self.epoch, self.start = plan, 0, 0
 
     def __iter__(self):
-        return iter(self.make())
+        b = self.plan.batch_size
+        indices = self.plan.rank_indices(self.epoch)[self.start * b:].tolist()
+        seeds = self.plan.rank_seeds(self.epoch)[self.start * b:].tolist()
+        keys = [(i, s, False) for i, s in zip(indices, seeds)]
+        return iter([keys[k:k + b] for k in range(0, len(keys), b)])
 
 
 class _DeviceBatches:
@@ -130,9 +136,11 @@ class _FailureLog:
 
 
 def _loader(dataset, batch_keys, workers: int, device: torch.device, persistent: bool) -> DataLoader:
+    # Own generator: the DataLoader draws worker base seeds from it, not from the global RNG (the
+    # per-sample seeds make those base seeds irrelevant to the pixels anyway).
     return DataLoader(dataset, batch_sampler=batch_keys, num_workers=workers,
                       pin_memory=device.type == "cuda", persistent_workers=persistent and workers > 0,
-                      prefetch_factor=4 if workers > 0 else None)
+                      prefetch_factor=4 if workers > 0 else None, generator=torch.Generator())
 
 
 class TorchTrainLoader(ResumableTrainLoader):
@@ -142,23 +150,14 @@ class TorchTrainLoader(ResumableTrainLoader):
                  workers: int, strict: bool):
         super().__init__(plan, split.classes, split.skipped)
         self.samples = split.samples
-        self._keys = _BatchKeys(self._epoch_keys)
-        self._pending = (0, 0)
+        self._keys = _TrainKeys(plan)
         self._loader = _loader(ImageDataset(split.samples, train_transform(pre)), self._keys,
                                workers, device, persistent=True)
         self._to_device = _DeviceBatches(device, Normalize(pre, device),
                                          _FailureLog(strict, self.skipped))
 
-    def _epoch_keys(self):
-        epoch, start = self._pending
-        b = self.batch_size
-        indices = self.plan.rank_indices(epoch)[start * b:].tolist()
-        seeds = self.plan.rank_seeds(epoch)[start * b:].tolist()
-        keys = [(i, s, False) for i, s in zip(indices, seeds)]
-        return [keys[k:k + b] for k in range(0, len(keys), b)]
-
     def _batches(self, epoch: int, start_step: int):
-        self._pending = (epoch, start_step)
+        self._keys.epoch, self._keys.start = epoch, start_step
         return self._to_device(iter(self._loader))
 
 
@@ -173,7 +172,7 @@ class TorchValLoader:
         keys = [(int(i), -1, bool(p)) for i, p in zip(indices, pad)]
         batches = [keys[k:k + plan.batch_size] for k in range(0, len(keys), plan.batch_size)]
         self._loader = _loader(ImageDataset(split.samples, eval_transform(pre)),
-                               _BatchKeys(lambda: batches), workers, device, persistent=False)
+                               batches, workers, device, persistent=False)
         self._to_device = _DeviceBatches(device, Normalize(pre, device),
                                          _FailureLog(strict, self.skipped))
 

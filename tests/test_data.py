@@ -1,0 +1,417 @@
+"""Data pipeline contracts, for the torch and the DALI backend (DALI tests skip where it is absent).
+
+Folder checks and bad files, label order and eval preprocessing agreement between backends (real
+photos from ../shared/data), sharding with 2 processes, exact mid-epoch resume, digits and synthetic
+sources. All on CPU; GPU variants are marked `gpu`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_helpers import (REPO, make_id_folder, make_odd_folder, make_photo_folder, photo,
+                          shared_dataset)
+from tresnet_train.config import Config
+from tresnet_train.data import (DataError, build_loaders, check_image, index_split,
+                                scan_image_folder)
+from tresnet_train.data import folder as folder_mod
+from tresnet_train.data.digits import build_digits
+from tresnet_train.data.dali_backend import dali_available, parse_randaugment
+from tresnet_train.data.plan import TrainPlan, ValPlan
+from tresnet_train.distributed import World
+
+needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+BACKENDS = ["torch", pytest.param("dali", marks=needs_dali)]
+CPU = torch.device("cpu")
+TRESNET = {"input_size": (3, 224, 224), "crop_pct": 0.875, "interpolation": "bilinear",
+           "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+log = logging.getLogger(__name__)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRESNET_TRAIN_CACHE", str(tmp_path / "cache"))
+
+
+def make_cfg(root, backend: str, **data) -> Config:
+    cfg = Config()
+    cfg.data.root, cfg.data.backend = str(root), backend
+    cfg.data.img_size, cfg.data.batch_size, cfg.data.workers = 32, 4, 2
+    for key, value in data.items():
+        setattr(cfg.data, key, value)
+    return cfg
+
+
+def collect(loader, limit: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for images, targets in loader:
+        out.append((images.clone(), targets.clone()))
+        if limit is not None and len(out) == limit:
+            break
+    return out
+
+
+# ---- folder structure and undecodable files --------------------------------------------------------
+def test_scan_counts_and_structure_errors(tmp_path):
+    make_id_folder(tmp_path / "ok", (3, 2), (1, 1))
+    assert scan_image_folder(tmp_path / "ok") == (["class_0", "class_1"], 5, 2)
+
+    with pytest.raises(DataError, match="does not exist"):
+        scan_image_folder(tmp_path / "nowhere")
+    make_id_folder(tmp_path / "noval", (1, 1), ())
+    with pytest.raises(DataError, match=r"noval/val is missing"):
+        scan_image_folder(tmp_path / "noval")
+    make_id_folder(tmp_path / "empty", (2, 0), (1, 1))
+    with pytest.raises(DataError, match=r"hold no images.*empty/train/class_1"):
+        scan_image_folder(tmp_path / "empty")
+    make_id_folder(tmp_path / "differ", (1, 1), (1,))
+    (tmp_path / "differ" / "val" / "class_x").mkdir()
+    (tmp_path / "differ" / "val" / "class_0" / "0002.JPEG").rename(
+        tmp_path / "differ" / "val" / "class_x" / "0002.JPEG")
+    with pytest.raises(DataError, match=r"class folders differ.*only in train: class_1; only in val: "
+                                        r"class_x"):
+        scan_image_folder(tmp_path / "differ")
+    (tmp_path / "noclass" / "train").mkdir(parents=True)
+    (tmp_path / "noclass" / "val").mkdir()
+    with pytest.raises(DataError, match="no class folders"):
+        scan_image_folder(tmp_path / "noclass")
+
+
+def test_check_image_on_each_odd_kind(tmp_path):
+    info = make_odd_folder(tmp_path)
+    for split in ("train", "val"):
+        bad = {str(p.relative_to(tmp_path / split)) for p in (tmp_path / split).rglob("*.JPEG")
+               if check_image(str(p)) is not None}
+        assert bad == set(info["undecodable"][split])
+    assert "empty" in check_image(str(tmp_path / "train/a/zero_bytes.JPEG"))
+    assert "truncated" in check_image(str(tmp_path / "train/b/truncated.JPEG"))
+    assert "cannot identify" in check_image(str(tmp_path / "train/b/not_an_image.JPEG"))
+    # a complete JPEG with bytes after the EOI marker takes the slow path and passes
+    (tmp_path / "trailing.JPEG").write_bytes((tmp_path / "train/a/good_0.JPEG").read_bytes() + b"x" * 5000)
+    assert check_image(str(tmp_path / "trailing.JPEG")) is None
+
+
+def test_index_caches_the_check_and_names_skipped_files(tmp_path, monkeypatch, caplog):
+    info = make_odd_folder(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="tresnet_train.data.folder"):
+        split = index_split(tmp_path, "train")
+    assert sorted(os.path.relpath(p, tmp_path / "train") for p in split.skipped) == \
+        info["undecodable"]["train"]
+    assert len(split.samples) == info["decodable"]["train"]
+    message = caplog.text
+    assert "skipping 3 undecodable image(s) of 21" in message
+    for rel in info["undecodable"]["train"]:
+        assert rel in message
+    # second indexing: served from the cache, no file is checked again
+    monkeypatch.setattr(folder_mod, "check_image", lambda path: pytest.fail(f"re-checked {path}"))
+    again = index_split(tmp_path, "train")
+    assert again.samples == split.samples and again.skipped == split.skipped
+    # a changed file list invalidates the cache
+    (tmp_path / "train/b/extra.JPEG").write_bytes(b"")
+    monkeypatch.setattr(folder_mod, "check_image", lambda path: None if "extra" not in path else "x")
+    assert len(index_split(tmp_path, "train").skipped) == 1
+
+
+def test_strict_turns_bad_files_into_a_clear_error(tmp_path):
+    make_odd_folder(tmp_path)
+    with pytest.raises(DataError, match=r"3 of 21 image\(s\) cannot be decoded.*b/truncated.JPEG.*"
+                                        r"data.strict=false"):
+        build_loaders(make_cfg(tmp_path, "torch", strict=True), TRESNET, World(), CPU)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_odd_files_one_epoch(tmp_path, backend):
+    """Decodable odd files (CMYK, grey, PNG named .JPEG, huge, tiny) train; undecodable are skipped."""
+    info = make_odd_folder(tmp_path)
+    cfg = make_cfg(tmp_path, backend, batch_size=6, val_batch_size=4, randaugment="rand-m9-inc1")
+    train, val = build_loaders(cfg, TRESNET, World(), CPU)
+    assert train.classes == ["a", "b"]
+    assert sorted(os.path.relpath(p, tmp_path / "train") for p in train.skipped) == \
+        info["undecodable"]["train"]
+    assert len(train) == info["decodable"]["train"] // 6  # 18 images, batch 6: every one is used
+    seen = 0
+    for images, targets in train:
+        assert images.shape == (6, 3, 32, 32) and images.dtype == torch.float32
+        assert images.min() >= 0 and images.max() <= 1 and torch.isfinite(images).all()
+        assert targets.dtype == torch.int64 and set(targets.tolist()) <= {0, 1}
+        seen += len(targets)
+    assert seen == info["decodable"]["train"]
+    counted = sum(int((t >= 0).sum()) for _, t in val)
+    assert counted == val.num_images == info["decodable"]["val"]
+
+
+# ---- both backends agree ----------------------------------------------------------------------------
+def _real_photo_folder(tmp_path) -> Path:
+    """Real photos (imagenette-mini-96 val, 2 classes) plus non-square resized copies of them."""
+    src = shared_dataset("imagenette-mini-96")
+    if src is None:
+        pytest.skip("real photos not found at ../shared/data/imagenette-mini-96 (the project's shared "
+                    "data folder); this test compares the backends on real images")
+    root = tmp_path / "photos"
+    for split in ("train", "val"):
+        for cls in sorted(p.name for p in (src / "val").iterdir())[:2]:
+            out = root / split / cls
+            out.mkdir(parents=True)
+            for i, path in enumerate(sorted((src / "val" / cls).glob("*.JPEG"))[:8]):
+                img = Image.open(path).convert("RGB")
+                img.save(out / f"sq_{i}.JPEG", quality=90)
+                w, h = (150, 101) if i % 2 else (77, 131)  # odd sizes: torchvision's rounding
+                img.resize((w, h), Image.BICUBIC).save(out / f"nsq_{i}.JPEG", quality=90)
+    return root
+
+
+@needs_dali
+@pytest.mark.parametrize("img_size,interpolation,max_mean_abs", [(64, "bilinear", 0.5), (160, "bilinear", 0.5),
+                                                                 (64, "bicubic", 1.0)])
+def test_eval_preprocessing_matches_between_backends(tmp_path, img_size, interpolation, max_mean_abs):
+    """Same images, same labels in the same order, and val tensors within a grey level."""
+    root = _real_photo_folder(tmp_path)
+    data_config = dict(TRESNET, interpolation=interpolation)
+    outs = {}
+    for backend in ("torch", "dali"):
+        cfg = make_cfg(root, backend, img_size=img_size, val_batch_size=7)
+        _, val = build_loaders(cfg, data_config, World(), CPU)
+        batches = collect(val)
+        outs[backend] = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+    (x_t, y_t), (x_d, y_d) = outs["torch"], outs["dali"]
+    assert torch.equal(y_t, y_d) and y_t.tolist() == sorted(y_t.tolist())
+    assert x_t.shape == x_d.shape == (32, 3, img_size, img_size)
+    diff = (x_t - x_d).abs() * 255  # grey levels
+    report = (f"eval torch vs DALI, {interpolation} {img_size}px: mean abs diff {diff.mean():.3f} "
+              f"grey levels, max {diff.max():.1f}, worst image mean {diff.mean(dim=(1, 2, 3)).max():.3f}")
+    print(report)
+    log.info(report)
+    assert diff.mean() < max_mean_abs
+    assert diff.mean(dim=(1, 2, 3)).max() < 2 * max_mean_abs  # no image shifted or mis-rounded
+    if interpolation == "bilinear":
+        assert diff.max() <= 2.01
+
+
+@needs_dali
+def test_backends_read_the_same_plan(tmp_path):
+    """Same sample order per step in both backends (labels compared; augmentation differs)."""
+    make_photo_folder(tmp_path, (5, 4, 6))
+    targets = {}
+    for backend in ("torch", "dali"):
+        train, _ = build_loaders(make_cfg(tmp_path, backend), TRESNET, World(), CPU)
+        train.set_epoch(3)
+        targets[backend] = torch.cat([t for _, t in collect(train)])
+    assert len(targets["torch"]) == 12
+    assert torch.equal(targets["torch"], targets["dali"])
+
+
+# ---- plans -------------------------------------------------------------------------------------------
+def test_train_plan_shards_by_global_rank_and_reshuffles():
+    plans = [TrainPlan(103, 8, 4, r, seed=5) for r in range(4)]
+    assert {p.steps for p in plans} == {3}  # floor(103 / 4) = 25 per rank -> 3 batches of 8
+    for epoch in range(3):
+        shards = [p.rank_indices(epoch) for p in plans]
+        every = np.concatenate(shards)
+        assert all(len(s) == 24 for s in shards) and len(set(every.tolist())) == 96
+    assert not np.array_equal(plans[0].rank_indices(0), plans[0].rank_indices(1))
+    assert np.array_equal(plans[1].rank_indices(2), TrainPlan(103, 8, 4, 1, seed=5).rank_indices(2))
+    seeds = np.concatenate([p.rank_seeds(0) for p in plans])
+    assert len(set(seeds.tolist())) == len(seeds)
+
+
+def test_repeated_augmentation_puts_copies_on_different_ranks():
+    plans = [TrainPlan(40, 2, 4, r, seed=0, repeats=3) for r in range(4)]
+    order = plans[0].epoch_order(0)
+    assert len(order) == 40 and np.array_equal(order[0:3], [order[0]] * 3)
+    for k in range(0, 39, 3):  # each group of 3 copies spans 3 consecutive global positions
+        ranks = {(k + j) % 4 for j in range(3)}
+        assert len(ranks) == 3
+
+
+def test_val_plan_counts_each_image_once():
+    for n, world, batch in ((7, 3, 2), (12, 4, 5), (1, 2, 4)):
+        plans = [ValPlan(n, batch, world, r) for r in range(world)]
+        assert len({p.steps for p in plans}) == 1
+        real = [int(i) for p in plans for i, pad in zip(*p.rank_indices()) if not pad]
+        assert sorted(real) == list(range(n))
+        assert sum(int(p.rank_indices()[1].sum()) for p in plans) == plans[0].per_rank * world - n
+
+
+# ---- two processes -----------------------------------------------------------------------------------
+def _launch(root: Path, backend: str, out: Path) -> list[dict]:
+    out.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "data_helpers.py"), str(root), backend, str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_two_processes_shard_and_count_each_val_image_once(tmp_path):
+    ids = make_id_folder(tmp_path / "data", (13, 12), (6, 5))
+    backends = ["torch"] + (["dali"] if dali_available() else [])
+    records = {b: _launch(tmp_path / "data", b, tmp_path / b) for b in backends}
+    for backend, ranks in records.items():
+        assert [r["len"] for r in ranks] == [3, 3]  # floor(25 / 2) = 12 per rank -> 3 batches of 4
+        orders = []
+        for epoch in range(2):
+            per_rank = [r["epochs"][epoch]["ids"] for r in ranks]
+            assert [len(x) for x in per_rank] == [12, 12]
+            assert not set(per_rank[0]) & set(per_rank[1])  # disjoint shards
+            for r in ranks:
+                ep = r["epochs"][epoch]
+                assert ep["targets"] == [ids["train"][i] for i in ep["ids"]]  # labels follow files
+            orders.append(per_rank)
+        assert orders[0] != orders[1]  # reshuffled each epoch
+        assert [r["val_len"] for r in ranks] == [2, 2]  # ceil(11 / 2) = 6 per rank, batch 3
+        real = [(i, t) for r in ranks for i, t in r["val"] if t >= 0]
+        assert sorted(i for i, _ in real) == sorted(ids["val"])  # every val image exactly once
+        assert all(ids["val"][i] == t for i, t in real)
+        assert sum(t < 0 for r in ranks for _, t in r["val"]) == 1
+        assert all(r["num_images"] == 11 for r in ranks)
+    if len(records) == 2:  # both backends read the same plan
+        assert [r["epochs"] for r in records["torch"]] == [r["epochs"] for r in records["dali"]]
+
+
+# ---- exact mid-epoch resume ----------------------------------------------------------------------------
+def _roundtrip(state: dict) -> dict:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mid_epoch_resume_yields_identical_remaining_batches(tmp_path, backend):
+    make_photo_folder(tmp_path, (9, 8))
+    cfg = make_cfg(tmp_path, backend, randaugment="rand-m9-mstd0.5-inc1")
+    full_loader, _ = build_loaders(cfg, TRESNET, World(), CPU)
+    full_loader.set_epoch(1)
+    full = collect(full_loader)
+    assert len(full) == 4
+
+    first, _ = build_loaders(cfg, TRESNET, World(), CPU)
+    first.set_epoch(1)
+    head = collect(first, limit=2)
+    for (a, ta), (b, tb) in zip(head, full):
+        assert torch.equal(a, b) and torch.equal(ta, tb)
+    state = _roundtrip(first.state_dict())
+    assert state["epoch"] == 1 and state["step"] == 2
+    del first
+
+    resumed, _ = build_loaders(cfg, TRESNET, World(), CPU)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(state["epoch"], state["step"])  # what the trainer does after loading
+    rest = collect(resumed)
+    assert len(rest) == 2
+    for (a, ta), (b, tb) in zip(rest, full[2:]):
+        assert torch.equal(ta, tb)
+        assert torch.equal(a, b)  # pixel-identical
+    assert resumed.state_dict()["epoch"] == 2 and resumed.state_dict()["step"] == 0
+
+
+@needs_dali
+def test_dali_epoch_from_the_cached_graph_equals_a_fresh_trace(tmp_path):
+    """Epoch pipelines are deserialised from the graph traced for the first epoch."""
+    make_photo_folder(tmp_path, (5, 4))
+    cfg = make_cfg(tmp_path, "dali", randaugment="rand-m9-inc1")
+    fresh, _ = build_loaders(cfg, TRESNET, World(), CPU)
+    fresh.set_epoch(1)  # traced directly for epoch 1
+    reference = collect(fresh)
+    reused, _ = build_loaders(cfg, TRESNET, World(), CPU)
+    collect(reused)  # epoch 0 traces the graph; epoch 1 comes from the serialized graph
+    assert reused.epoch == 1
+    for (a, ta), (b, tb) in zip(collect(reused), reference):
+        assert torch.equal(a, b) and torch.equal(ta, tb)
+
+
+def test_torch_pixels_do_not_depend_on_workers_or_resume_path(tmp_path):
+    make_photo_folder(tmp_path, (9, 8))
+    cfg = make_cfg(tmp_path, "torch", randaugment="rand-m9-mstd0.5-inc1", workers=2)
+    two, _ = build_loaders(cfg, TRESNET, World(), CPU)
+    two.set_epoch(4)
+    reference = collect(two)
+    cfg.data.workers = 0
+    zero, _ = build_loaders(cfg, TRESNET, World(), CPU)
+    zero.set_epoch(4, start_step=1)  # no state_dict: (epoch, step) alone is enough for torch
+    torch.manual_seed(11)
+    np.random.seed(11)
+    random.seed(11)
+    rest = collect(zero)
+    # the main process's global RNGs were not touched by the per-sample seeding (workers=0)
+    after = (torch.rand(2), np.random.rand(2), random.random())
+    torch.manual_seed(11)
+    np.random.seed(11)
+    random.seed(11)
+    assert torch.equal(after[0], torch.rand(2)) and np.array_equal(after[1], np.random.rand(2))
+    assert after[2] == random.random()
+    for (a, ta), (b, tb) in zip(rest, reference[1:]):
+        assert torch.equal(a, b) and torch.equal(ta, tb)
+
+
+# ---- sources and backend choice ------------------------------------------------------------------------
+def test_digits_source_builds_once_and_loads(tmp_path):
+    cfg = make_cfg(tmp_path / "digits", "torch", source="digits", batch_size=64, workers=0)
+    classes, n_train, n_val = scan_image_folder(build_digits(cfg.data.root))
+    assert classes == [str(i) for i in range(10)] and n_train + n_val == 1797
+    assert 0.18 < n_val / 1797 < 0.22
+    stamp = (tmp_path / "digits" / ".complete").stat().st_mtime_ns
+    train, val = build_loaders(cfg, TRESNET, World(), CPU)
+    assert (tmp_path / "digits" / ".complete").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    images, targets = next(iter(train))
+    assert images.shape == (64, 3, 32, 32) and targets.max() <= 9
+    assert val.num_images == n_val and len(train) == n_train // 64
+
+
+def test_synthetic_source_needs_no_files():
+    cfg = make_cfg("", "torch", source="synthetic", synthetic_size=40, batch_size=8)
+    cfg.model.num_classes = 5
+    train, val = build_loaders(cfg, TRESNET, World(world_size=2, rank=1), CPU)
+    assert len(train) == 2 and train.classes == ["0", "1", "2", "3", "4"]
+    batches = collect(train)
+    assert len(batches) == 2 and batches[0][0].shape == (8, 3, 32, 32)
+    assert sum(int((t >= 0).sum()) for _, t in val) == 20 and val.num_images == 40
+
+
+def test_backend_choice(monkeypatch, tmp_path):
+    from tresnet_train.data import build as build_mod
+    make_photo_folder(tmp_path, (4, 4))
+    monkeypatch.setattr(build_mod, "dali_available", lambda: False)
+    assert build_mod.resolve_backend("auto") == "torch"
+    with pytest.raises(DataError, match="DALI is not installed"):
+        build_loaders(make_cfg(tmp_path, "dali"), TRESNET, World(), CPU)
+    with pytest.raises(DataError, match="not a valid timm RandAugment"):
+        build_loaders(make_cfg(tmp_path, "torch", randaugment="rand-q9"), TRESNET, World(), CPU)
+
+
+def test_randaugment_spec_maps_to_dali():
+    assert parse_randaugment("rand-m9-mstd0.5-inc1") == {"n": 2, "m": 9, "monotonic_mag": True}
+    assert parse_randaugment("rand-n3-m7") == {"n": 3, "m": 7, "monotonic_mag": False}
+    with pytest.raises(DataError):
+        parse_randaugment("augmix-m5")
+
+
+# ---- GPU ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@needs_gpu
+@needs_dali
+def test_dali_gpu_outputs_on_device_and_matches_torch(tmp_path):
+    root = _real_photo_folder(tmp_path)
+    device = torch.device("cuda", 0)
+    outs = {}
+    for backend in ("torch", "dali"):
+        train, val = build_loaders(make_cfg(root, backend, img_size=64), TRESNET, World(), device)
+        images, targets = next(iter(train))
+        assert images.device == device and targets.device == device
+        outs[backend] = torch.cat([x for x, _ in collect(val)]).cpu()
+    diff = (outs["torch"] - outs["dali"]).abs() * 255
+    print(f"eval torch vs DALI (nvJPEG) on GPU: mean abs diff {diff.mean():.3f} grey levels")
+    assert diff.mean() < 1.5  # nvJPEG's IDCT differs slightly from libjpeg-turbo's
