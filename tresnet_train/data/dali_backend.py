@@ -36,6 +36,8 @@ from .transforms import Preprocess
 
 log = logging.getLogger(__name__)
 
+_PREFETCH = 2  # batches each pipeline computes ahead of the consumer
+
 
 def dali_available() -> bool:
     try:
@@ -147,7 +149,7 @@ def _train_pipeline(d: _Dali, pre: Preprocess, ra: dict | None, file_list: str, 
     # on; record and drop those (only those) instead of printing them.
     with warnings.catch_warnings(record=True) as caught:
         pipe = pipeline(batch_size=batch_size, num_threads=d.threads, device_id=d.device_id,
-                        seed=seed, prefetch_queue_depth=2, enable_checkpointing=True)
+                        seed=seed, prefetch_queue_depth=_PREFETCH, enable_checkpointing=True)
         pipe.build()
     for w in caught:
         if not (issubclass(w.category, DeprecationWarning) and "nvidia.dali" in str(w.message)):
@@ -170,8 +172,11 @@ def _rebuild(d: _Dali, graph: bytes, batch_size: int, seed: int, checkpoint: byt
             super().__init__(enable_checkpointing=True, checkpoint=checkpoint)
 
     return _Restoring.deserialize(graph, batch_size=batch_size, num_threads=d.threads,
-                                  device_id=d.device_id, seed=seed, prefetch_queue_depth=2,
-                                  enable_checkpointing=True)
+                                  device_id=d.device_id, seed=seed, prefetch_queue_depth=_PREFETCH,
+                                  enable_checkpointing=True,
+                                  # deserialize defaults to a synchronous executor; ask for the
+                                  # asynchronous, pipelined one pipeline_def uses
+                                  exec_pipelined=True, exec_async=True, exec_dynamic=True)
 
 
 def _val_pipeline(d: _Dali, pre: Preprocess, files, labels, batch_size: int):
@@ -207,7 +212,7 @@ def _val_pipeline(d: _Dali, pre: Preprocess, files, labels, batch_size: int):
         return images, targets
 
     pipe = pipeline(batch_size=batch_size, num_threads=d.threads, device_id=d.device_id, seed=0,
-                    prefetch_queue_depth=2)
+                    prefetch_queue_depth=_PREFETCH)
     pipe.build()
     return pipe
 
@@ -240,6 +245,7 @@ class DaliTrainLoader(ResumableTrainLoader):
         self._file_list = os.path.join(tmp, "files.txt")
         weakref.finalize(self, shutil.rmtree, tmp, True)
         self._live = None  # (epoch, origin step, iterator) of the pipeline being read
+        self._ahead = None  # (epoch, iterator) started early for the next epoch
         self._resume = None  # (epoch, step, origin, checkpoint) from load_state_dict
 
     def _iterator(self, epoch: int, origin: int, checkpoint: bytes | None):
@@ -257,8 +263,13 @@ class DaliTrainLoader(ResumableTrainLoader):
                 pipe = _rebuild(self._d, self._graph, b, seed, checkpoint)
         else:
             pipe = _rebuild(self._d, self._graph, b, seed, checkpoint)
-        return self._d.Iterator([pipe], ["images", "targets"], reader_name="Reader",
-                                last_batch_policy=self._d.LastBatchPolicy.DROP, auto_reset=False)
+        it = self._d.Iterator([pipe], ["images", "targets"], reader_name="Reader",
+                              last_batch_policy=self._d.LastBatchPolicy.DROP, auto_reset=False,
+                              prepare_first_batch=False)
+        # Start computing now without waiting for the first batch (the iterator's own
+        # prepare_first_batch would block the caller until it is ready).
+        getattr(it, "_schedule_runs", lambda release_outputs: None)(False)
+        return it
 
     def _batches(self, epoch: int, start_step: int):
         resume, self._resume = self._resume, None
@@ -270,10 +281,21 @@ class DaliTrainLoader(ResumableTrainLoader):
                 log.warning("DALI: no pipeline checkpoint for epoch %d step %d; reading the same "
                             "remaining images with new augmentation randomness", epoch + 1,
                             start_step)
+        ahead, self._ahead = self._ahead, None
         self._live = None
-        it = self._iterator(epoch, origin, checkpoint)
+        if ahead is not None and ahead[0] == epoch and (origin, checkpoint) == (0, None):
+            it = ahead[1]
+        else:
+            del ahead  # release the unused pipeline before building another
+            it = self._iterator(epoch, origin, checkpoint)
         self._live = (epoch, origin, it)
-        for out in it:
+        # Start the next epoch's pipeline once this one has scheduled its last batch, so that its
+        # threads never idle at the epoch boundary (the next pipeline is the one a fresh build of
+        # epoch + 1 would give: deterministic, so nothing changes for resume).
+        ahead_at = max(0, len(self) - start_step - 1 - _PREFETCH)
+        for k, out in enumerate(it):
+            if k == ahead_at:
+                self._ahead = (epoch + 1, self._iterator(epoch + 1, 0, None))
             yield _unpack(out, self.device)
 
     def state_dict(self) -> dict:
