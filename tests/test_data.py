@@ -152,6 +152,22 @@ def test_odd_files_one_epoch(tmp_path, backend):
     assert counted == val.num_images == info["decodable"]["val"]
 
 
+def test_torch_loader_skips_a_file_that_breaks_after_indexing(tmp_path, caplog):
+    """The loader's own safety net: a file damaged after the check is replaced and reported."""
+    make_photo_folder(tmp_path, (4, 4))
+    train, _ = build_loaders(make_cfg(tmp_path, "torch", workers=1), TRESNET, World(), CPU)
+    strict, _ = build_loaders(make_cfg(tmp_path, "torch", workers=0, strict=True), TRESNET,
+                              World(), CPU)
+    broken = tmp_path / "train" / "c1" / "2.JPEG"
+    broken.write_bytes(broken.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="tresnet_train.data.torch_backend"):
+        batches = collect(train)
+    assert len(batches) == 2 and all(len(t) == 4 for _, t in batches)
+    assert train.skipped == [str(broken)] and f"skipping undecodable image {broken}" in caplog.text
+    with pytest.raises(DataError, match=r"2.JPEG cannot be decoded.*data.strict=false"):
+        collect(strict)
+
+
 # ---- both backends agree ----------------------------------------------------------------------------
 def _real_photo_folder(tmp_path) -> Path:
     """Real photos (imagenette-mini-96 val, 2 classes) plus non-square resized copies of them."""

@@ -244,7 +244,7 @@ class DaliTrainLoader(ResumableTrainLoader):
         tmp = tempfile.mkdtemp(prefix="tresnet-dali-")
         self._file_list = os.path.join(tmp, "files.txt")
         weakref.finalize(self, shutil.rmtree, tmp, True)
-        self._live = None  # (epoch, origin step, iterator) of the pipeline being read
+        self._live = None  # [epoch, origin step, iterator, next step] of the pipeline being read
         self._ahead = None  # (epoch, iterator) started early for the next epoch
         self._resume = None  # (epoch, step, origin, checkpoint) from load_state_dict
 
@@ -288,7 +288,7 @@ class DaliTrainLoader(ResumableTrainLoader):
         else:
             del ahead  # release the unused pipeline before building another
             it = self._iterator(epoch, origin, checkpoint)
-        self._live = (epoch, origin, it)
+        self._live = [epoch, origin, it, start_step]  # the last item: next step it yields
         # Start the next epoch's pipeline once this one has scheduled its last batch, so that its
         # threads never idle at the epoch boundary (the next pipeline is the one a fresh build of
         # epoch + 1 would give: deterministic, so nothing changes for resume).
@@ -296,13 +296,15 @@ class DaliTrainLoader(ResumableTrainLoader):
         for k, out in enumerate(it):
             if k == ahead_at:
                 self._ahead = (epoch + 1, self._iterator(epoch + 1, 0, None))
+            self._live[3] = start_step + k + 1
             yield _unpack(out, self.device)
 
     def state_dict(self) -> dict:
         state = super().state_dict()
         if self.next_step > 0:
-            if self._live is not None and self._live[0] == self.epoch:
-                _, origin, it = self._live
+            if self._live is not None and (self._live[0], self._live[3]) == (self.epoch,
+                                                                             self.next_step):
+                _, origin, it, _ = self._live
                 checkpoint = it.checkpoints()[0]
             elif self._resume is not None and self._resume[:2] == (self.epoch, self.next_step):
                 _, _, origin, checkpoint = self._resume

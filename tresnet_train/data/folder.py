@@ -86,13 +86,14 @@ def _names(items: list[str], limit: int = 10) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def _require_nonempty(split_dir: Path, classes: list[str], samples: list[tuple[str, int]]) -> None:
+def _require_nonempty(split_dir: Path, classes: list[str], samples: list[tuple[str, int]],
+                      what: str = "images") -> None:
     counts = [0] * len(classes)
     for _, label in samples:
         counts[label] += 1
     empty = [c for c, n in zip(classes, counts) if n == 0]
     if empty:
-        raise DataError(f"{split_dir}: {len(empty)} class folder(s) hold no images "
+        raise DataError(f"{split_dir}: {len(empty)} class folder(s) hold no {what} "
                         f"({', '.join(IMG_EXTENSIONS)}): {_names([str(split_dir / c) for c in empty])}. "
                         f"Add images or remove the folder from both train/ and val/")
 
@@ -258,6 +259,6 @@ def index_images(split_dir: str | Path, classes: list[str] | None = None, *, str
                 len(samples), split_dir, _names(named, _MAX_NAMED),
                 f" (full list: {_cache_file(split_dir)})" if len(bad) > _MAX_NAMED else "")
     keep = [s for s in samples if os.path.relpath(s[0], split_dir) not in bad]
-    _require_nonempty(split_dir, classes, keep)
+    _require_nonempty(split_dir, classes, keep, what="decodable images")
     skipped = [str(split_dir / rel) for rel in sorted(bad)]
     return Split(split_dir, classes, keep, skipped)
