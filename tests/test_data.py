@@ -408,6 +408,18 @@ def test_backend_choice(monkeypatch, tmp_path):
         build_loaders(make_cfg(tmp_path, "torch", randaugment="rand-q9"), TRESNET, World(), CPU)
 
 
+def test_randaugment_posterize_at_full_magnitude_works_with_current_pillow():
+    """timm's increasing posterize keeps 0 bits at magnitude 10; Pillow 13 refuses 0 bits."""
+    from tresnet_train.data.transforms import Preprocess, train_transform
+    pre = Preprocess(32, 32, 0.875, "bilinear", (0, 0, 0), (1, 1, 1), (0.5, 1.0), 0.0,
+                     "rand-m10-n1-inc1")
+    ra = train_transform(pre).transforms[2]
+    (op,) = [o for o in ra.ops if o.name == "PosterizeIncreasing"]
+    op.prob, op.magnitude = 1.0, 10
+    out = op(photo(40, 30, 0))
+    assert out.size == (40, 30) and out.getextrema() == ((0, 0),) * 3
+
+
 def test_randaugment_spec_maps_to_dali():
     assert parse_randaugment("rand-m9-mstd0.5-inc1") == {"n": 2, "m": 9, "monotonic_mag": True}
     assert parse_randaugment("rand-n3-m7") == {"n": 3, "m": 7, "monotonic_mag": False}

@@ -63,11 +63,17 @@ class ImageDataset(Dataset):
             i = (index + attempt) % len(self)
             path = os.fsdecode(self.paths[i])
             try:
-                with _seeded(seed) if seed >= 0 else contextlib.nullcontext():
-                    image = self.transform(load_rgb(path))
-                return image, -1 if pad else int(self.targets[i]), "\n".join(failures)
+                img = load_rgb(path)
             except Exception as e:  # noqa: BLE001 - a bad file must not end the run
                 failures.append(f"{path}\t{type(e).__name__}: {e}")
+                continue
+            try:
+                with _seeded(seed) if seed >= 0 else contextlib.nullcontext():
+                    image = self.transform(img)
+            except Exception as e:  # a transform bug, not a bad file: say which image and stop
+                raise RuntimeError(f"augmentation failed on {path} ({img.width}x{img.height}): "
+                                   f"{type(e).__name__}: {e}") from e
+            return image, -1 if pad else int(self.targets[i]), "\n".join(failures)
         raise DataError(f"{_MAX_TRIES} consecutive files failed to decode, starting at "
                         f"{os.fsdecode(self.paths[index])}: {failures[-1]}")
 

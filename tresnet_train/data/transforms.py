@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 _INTERP = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
            "nearest": T.InterpolationMode.NEAREST}
@@ -69,6 +69,26 @@ def load_rgb(path: str) -> Image.Image:
         return img.convert("RGB")
 
 
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, with 0 bits giving a black image as Pillow < 13 did (Pillow 13 raises
+    "bits must be between or equal to 1 and 8"; timm's increasing posterize reaches 0 bits at
+    magnitude 10, e.g. rand-m9-mstd0.5-inc1 with its magnitude noise)."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size, 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _pillow_safe(rand_augment):
+    """Swap timm's posterize for `_posterize` in this RandAugment's own ops (no global patching)."""
+    from timm.data import auto_augment
+    for op in getattr(rand_augment, "ops", []):
+        if op.aug_fn is auto_augment.posterize:
+            op.aug_fn = _posterize
+    return rand_augment
+
+
 def train_transform(pre: Preprocess) -> T.Compose:
     interp = _INTERP[pre.interpolation]
     tfs = [T.RandomResizedCrop(pre.img_size, scale=pre.scale, ratio=(3 / 4, 4 / 3), interpolation=interp),
@@ -78,7 +98,7 @@ def train_transform(pre: Preprocess) -> T.Compose:
         hparams = {"translate_const": int(pre.img_size * 0.45),
                    "img_mean": tuple(min(255, round(255 * m)) for m in pre.mean),
                    "interpolation": F.pil_modes_mapping[interp]}
-        tfs.append(rand_augment_transform(pre.randaugment, hparams))
+        tfs.append(_pillow_safe(rand_augment_transform(pre.randaugment, hparams)))
     tfs.append(T.PILToTensor())  # uint8 CHW
     return T.Compose(tfs)
 
