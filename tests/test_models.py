@@ -1,0 +1,351 @@
+"""Model zoo contracts: every registered model forwards, backprops to every parameter, has a pinned
+parameter count and equals timm's same-named model with the same weights; TResNet's structure follows
+the paper; norm backends agree; models build on meta and compile without graph breaks. CPU only."""
+import ast
+import copy
+import functools
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from tresnet_train.models import (UnknownModelError, create_model, get_data_config,
+                                  init_non_persistent_buffers, is_known_model, list_models)
+from tresnet_train.models.layers import (BlurPool2d, ConvNormAct, DropPath, SqueezeExcite,
+                                         inplace_abn_available, resolve_norm_layer)
+from tresnet_train.models.resnest import ResNestBottleneck
+from tresnet_train.models.tresnet import BasicBlock, Bottleneck
+
+# Parameter counts: timm 1.0.31 for the models it has (FACTS.md), ours for tresnet_tiny.
+PARAM_COUNTS = {
+    "tresnet_m": 31_389_032,
+    "tresnet_l": 55_989_256,
+    "tresnet_xl": 78_436_244,
+    "tresnet_v2_l": 46_174_824,
+    "resnest50d": 27_483_240,
+    "resnest101e": 48_275_016,
+    "tresnet_tiny": 997_944,
+}
+WITH_TIMM_COUNTERPART = [n for n in PARAM_COUNTS if n != "tresnet_tiny"]
+TOLERANCE = 1e-4  # max abs logit difference to timm, fp32 eval mode
+SMALL = 64  # input side for tests that do not need a full-size image
+
+needs_iabn = pytest.mark.skipif(not inplace_abn_available(),
+                                reason="inplace_abn is not installed (pip install --no-build-isolation "
+                                       "inplace-abn)")
+
+
+@functools.lru_cache(maxsize=None)
+def _pristine(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return create_model(name, norm="bn")
+
+
+def fresh_model(name: str) -> nn.Module:
+    """A new fp32 BatchNorm model (a copy of a cached one: building the big models takes seconds)."""
+    return copy.deepcopy(_pristine(name))
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def timm_reference(randomize_norms):
+    """name -> {"params": timm's count, 224: (ours, timm) logits, 448: (ours, timm) logits}, from one
+    set of random weights loaded into both models (batch 1, fp32, eval mode)."""
+    cache = {}
+
+    def compute(name):
+        if name not in cache:
+            ours = randomize_norms(fresh_model(name)).eval()
+            ref = timm.create_model(name, pretrained=False).eval()
+            ref.load_state_dict(ours.state_dict(), strict=True)
+            out = {"params": n_params(ref)}
+            g = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for size in (224, 448):
+                    x = torch.rand(1, 3, size, size, generator=g)
+                    out[size] = (ours(x), ref(x))
+            cache[name] = out
+        return cache[name]
+
+    return compute
+
+
+# --- registry -------------------------------------------------------------------------------------
+
+def test_registered_names():
+    assert set(list_models()) == set(PARAM_COUNTS)
+    assert list_models("tresnet_*") == ["tresnet_l", "tresnet_m", "tresnet_tiny", "tresnet_v2_l",
+                                        "tresnet_xl"]
+
+
+def test_unknown_model_names_close_matches_and_list_models():
+    with pytest.raises(UnknownModelError, match="tresnet_m") as err:
+        create_model("tresnet_mm")
+    assert isinstance(err.value, ValueError)
+    assert "list_models()" in str(err.value)
+    with pytest.raises(UnknownModelError, match="timm/resnet50"):
+        create_model("timm/resnet5O")
+
+
+def test_is_known_model():
+    assert is_known_model("tresnet_m") and is_known_model("timm/resnet50")
+    assert not is_known_model("resnet50") and not is_known_model("timm/not_a_model")
+
+
+def test_timm_models_are_one_line():
+    model = create_model("timm/resnet50", num_classes=10)
+    assert n_params(model) == 25_557_032 - 2048 * 990 - 990
+    assert model(torch.rand(2, 3, SMALL, SMALL)).shape == (2, 10)
+    cfg = timm.data.resolve_data_config(model=timm.create_model("resnet50"))
+    assert get_data_config(model) == {k: cfg[k] for k in get_data_config(model)}
+    assert get_data_config("timm/resnet50") == get_data_config(model)
+    with pytest.raises(ValueError, match="own norm layers"):
+        create_model("timm/resnet50", norm="iabn")
+
+
+def test_data_configs():
+    tresnet = get_data_config("tresnet_m")
+    assert tresnet == dict(input_size=(3, 224, 224), crop_pct=0.875, interpolation="bilinear",
+                           mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    for name in list_models():
+        with torch.device("meta"):
+            model = create_model(name, norm="bn")
+        assert get_data_config(model) == get_data_config(name)
+        if name in WITH_TIMM_COUNTERPART:  # same preprocessing as timm's default pretrained config
+            assert get_data_config(name) == get_data_config(f"timm/{name}")
+    assert get_data_config("resnest101e")["input_size"] == (3, 256, 256)
+
+
+# --- every registered model -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(PARAM_COUNTS))
+def test_pinned_parameter_count(name):
+    assert n_params(fresh_model(name)) == PARAM_COUNTS[name]
+
+
+@pytest.mark.parametrize("name", list(PARAM_COUNTS))
+def test_backward_reaches_every_parameter(name, randomize_norms):
+    model = randomize_norms(fresh_model(name)).train()  # non-zero residual scales: all grads flow
+    x = torch.rand(2, 3, 32, 32)  # the smallest input that reaches the last stage (1x1)
+    logits = model(x)
+    assert logits.shape == (2, 1000) and torch.isfinite(logits).all()
+    torch.nn.functional.cross_entropy(logits, torch.tensor([1, 2])).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list(PARAM_COUNTS))
+def test_num_classes_and_classifier_reset(name):
+    with torch.device("meta"):  # shapes only: the meta device runs no arithmetic
+        model = create_model(name, num_classes=10, norm="bn").eval()
+        x = torch.empty(2, 3, 224, 224)
+        assert model(x).shape == (2, 10)
+        model.reset_classifier(7)
+        assert model(x).shape == (2, 7) and model.get_classifier().out_features == 7
+        model.reset_classifier(0)
+        assert model(x).shape == (2, model.num_features)
+        assert create_model(name, num_classes=0, norm="bn")(x).shape == (2, model.num_features)
+    assert model.num_features == {"tresnet_tiny": 512, "tresnet_l": 2432, "tresnet_xl": 2656}.get(name, 2048)
+
+
+@pytest.mark.parametrize("name", list(PARAM_COUNTS))
+def test_forward_448(name, timm_reference):
+    if name in WITH_TIMM_COUNTERPART:
+        logits = timm_reference(name)[448][0]  # computed once, also used for the timm comparison
+    else:
+        with torch.no_grad():
+            logits = fresh_model(name).eval()(torch.rand(1, 3, 448, 448))
+    assert logits.shape == (1, 1000) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("size", [224, 448])
+@pytest.mark.parametrize("name", WITH_TIMM_COUNTERPART)
+def test_matches_timm_with_same_weights(name, size, timm_reference):
+    ref = timm_reference(name)
+    assert ref["params"] == PARAM_COUNTS[name]
+    ours, theirs = ref[size]
+    assert (ours - theirs).abs().max().item() <= TOLERANCE
+    assert theirs.std() > 0.01  # the logits carry signal, not a constant
+
+
+@pytest.mark.parametrize("name", ["tresnet_tiny", "resnest50d"])
+def test_drop_path_rises_linearly_over_blocks(name, randomize_norms):
+    model = randomize_norms(create_model(name, norm="bn", drop_path_rate=0.3))
+    blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck, ResNestBottleneck))]
+    rates = [b.drop_path.rate if isinstance(b.drop_path, DropPath) else 0.0 for b in blocks]
+    expected = torch.linspace(0, 0.3, len(blocks)).tolist()
+    assert rates == pytest.approx(expected)
+    x = torch.rand(4, 3, SMALL, SMALL)
+    model.eval()
+    assert torch.equal(model(x), model(x))  # identity in eval
+    model.train()
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, model(x))  # random in training
+
+
+# --- TResNet as the paper and the official code define it -----------------------------------------
+
+def _slope(conv: ConvNormAct):
+    return conv.act.negative_slope if isinstance(conv.act, nn.LeakyReLU) else None
+
+
+@pytest.mark.parametrize("name, layers, width, v2", [
+    ("tresnet_m", [3, 4, 11, 3], 64, False),
+    ("tresnet_l", [4, 5, 18, 3], 76, False),
+    ("tresnet_xl", [4, 5, 24, 3], 83, False),
+    ("tresnet_v2_l", [3, 4, 23, 3], 64, True),
+])
+def test_tresnet_structure(name, layers, width, v2):
+    body = fresh_model(name).body
+    assert body.s2d.block_size == 4
+    assert body.conv1.conv.in_channels == 48 and body.conv1.conv.kernel_size == (3, 3)
+    assert body.conv1.conv.out_channels == width and _slope(body.conv1) == 1e-2
+    for i, n_blocks in enumerate(layers):
+        stage = getattr(body, f"layer{i + 1}")
+        assert len(stage) == n_blocks
+        expected_block = Bottleneck if (v2 or i >= 2) else BasicBlock
+        assert all(type(b) is expected_block for b in stage)
+        assert all((b.se is not None) == (i < 3) for b in stage)  # SE in stages 1-3 only
+        for j, b in enumerate(stage):
+            first, last = (b.conv1, b.conv2) if expected_block is BasicBlock else (b.conv2, b.conv3)
+            assert _slope(b.conv1) == 1e-3 and _slope(last) is None  # no act before the residual sum
+            if expected_block is Bottleneck:
+                assert _slope(b.conv2) == 1e-3
+                assert b.se is None or b.se.fc1.in_channels == b.conv2.conv.out_channels  # after 3x3
+            strided = i > 0 and j == 0
+            assert (first.aa is not None) == strided  # anti-aliasing replaces the stride
+            assert first.conv.stride == (1, 1)
+            if strided:
+                assert isinstance(first.aa, BlurPool2d) and first.aa.stride == 2
+                assert isinstance(b.downsample[0], nn.AvgPool2d)
+                assert _slope(b.downsample[1]) is None
+
+
+def test_blur_filter_is_binomial_and_not_in_state_dict():
+    blur = BlurPool2d(5)
+    expected = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
+    assert torch.equal(blur.filt, expected.expand(5, 1, 3, 3))
+    assert "filt" not in blur.state_dict()
+    x = torch.rand(1, 5, 8, 8)
+    assert blur(x).shape == (1, 5, 4, 4)
+    assert torch.allclose(blur(torch.ones(1, 5, 8, 8)), torch.ones(1, 5, 4, 4))
+
+
+def test_se_gates_channels():
+    se = SqueezeExcite(8, 4)
+    x = torch.rand(2, 8, 5, 5)
+    gate = se(x) / x
+    assert torch.allclose(gate, gate[:, :, :1, :1].expand_as(gate), atol=1e-6)  # one gate per channel
+    assert ((gate > 0) & (gate < 1)).all()
+
+
+# --- norm backends --------------------------------------------------------------------------------
+
+def test_auto_norm_picks_batchnorm_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_norm_layer("auto") is nn.BatchNorm2d
+    with pytest.raises(ValueError, match="norm="):
+        resolve_norm_layer("gn")
+
+
+@needs_iabn
+def test_auto_norm_picks_inplace_abn_on_cuda(monkeypatch):
+    from inplace_abn import InPlaceABN
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert issubclass(resolve_norm_layer("auto"), InPlaceABN)
+
+
+def test_resnest_is_batchnorm_only():
+    with pytest.raises(ValueError, match="InPlace-ABN"):
+        create_model("resnest50d", norm="iabn")
+
+
+@needs_iabn
+def test_inplace_abn_and_batchnorm_agree_from_one_checkpoint(randomize_norms):
+    from inplace_abn import InPlaceABN
+    bn = randomize_norms(create_model("tresnet_tiny", norm="bn"))
+    iabn = create_model("tresnet_tiny", norm="iabn")
+    assert list(iabn.state_dict()) == list(bn.state_dict())
+    iabn.load_state_dict(bn.state_dict(), strict=True)
+    layers = [m for m in iabn.modules() if isinstance(m, InPlaceABN)]
+    assert len(layers) == sum(isinstance(m, nn.BatchNorm2d) for m in bn.modules())
+    slopes = {(m.activation, m.activation_param) for m in layers}
+    assert slopes == {("leaky_relu", 1e-2), ("leaky_relu", 1e-3), ("identity", 0.0)}
+
+    x = torch.rand(4, 3, SMALL, SMALL)
+    with torch.no_grad():
+        assert (bn.eval()(x) - iabn.eval()(x)).abs().max() <= TOLERANCE
+    bn.train(), iabn.train()
+    out_bn, out_iabn = bn(x), iabn(x)
+    assert (out_bn - out_iabn).abs().max() <= TOLERANCE
+    out_bn.square().sum().backward()
+    out_iabn.square().sum().backward()
+    for (name, p), q in zip(bn.named_parameters(), iabn.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-5 * p.grad.abs().max()), name
+    for (name, a), b in zip(bn.state_dict().items(), iabn.state_dict().values()):  # running stats
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+
+
+@needs_iabn
+def test_inplace_abn_runs_bfloat16_and_refuses_float16_on_cpu():
+    model = create_model("tresnet_tiny", norm="iabn").eval()
+    x = torch.rand(2, 3, SMALL, SMALL)
+    with torch.no_grad():
+        assert torch.isfinite(model.to(torch.bfloat16)(x.bfloat16()).float()).all()
+        with pytest.raises(RuntimeError, match="float16"):
+            model.to(torch.float16)(x.half())
+
+
+# --- device-agnostic, compile-friendly ------------------------------------------------------------
+
+def test_no_device_or_dtype_calls_in_model_code():
+    source = Path(__file__).parents[1] / "tresnet_train" / "models"
+    offenders = [f"{p.name}:{node.lineno}" for p in source.glob("*.py")
+                 for node in ast.walk(ast.parse(p.read_text()))
+                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                 and node.func.attr in ("cuda", "half")]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("name", ["tresnet_m", "resnest50d"])
+def test_builds_on_meta_device(name):
+    with torch.device("meta"):
+        model = create_model(name, norm="bn")
+    assert all(p.is_meta for p in model.parameters())
+    assert model(torch.empty(2, 3, 224, 224, device="meta")).shape == (2, 1000)
+
+
+def test_meta_model_materialises_and_loads(randomize_norms):
+    reference = randomize_norms(create_model("tresnet_tiny", norm="bn")).eval()
+    with torch.device("meta"):
+        model = create_model("tresnet_tiny", norm="bn")
+    model = init_non_persistent_buffers(model.to_empty(device="cpu"))
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.rand(2, 3, SMALL, SMALL)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), reference(x))
+
+
+def test_torch_compile_inductor_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    model = create_model("tresnet_tiny", norm="bn").eval()
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.rand(2, 3, SMALL, SMALL)
+    with torch.no_grad():
+        assert (compiled(x) - model(x)).abs().max() <= TOLERANCE
+
+
+def test_tresnet_m_has_no_graph_breaks():
+    torch._dynamo.reset()
+    model = fresh_model("tresnet_m").train()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")  # fullgraph: a break raises
+    compiled(torch.rand(2, 3, SMALL, SMALL)).sum().backward()
+    assert model.body.conv1.conv.weight.grad is not None
