@@ -221,11 +221,15 @@ def test_class_count_mismatch_is_one_clear_line_and_exit_2(tmp_path, trained, di
     (["--crop-pct", "1.5"], "--crop-pct must be in (0, 1]"),
     (["--model", "tresnet_mm"], "Unknown model 'tresnet_mm'"),
     (["--data", "/nonexistent/folder"], "folder not found"),
+    (["--data", "TRAIN_ONLY"], "has train/ but no val/"),
     (["--ckpt", "/nonexistent/ckpt.pth"], "checkpoint not found"),
 ])
 def test_usage_errors_exit_2_with_one_line(tmp_path, trained, digits, capsys, args, needle):
     base = {"--ckpt": str(trained / "last.pth"), "--data": str(digits)}
     base.update(dict(zip(args[::2], args[1::2])))
+    if base["--data"] == "TRAIN_ONLY":
+        (tmp_path / "train_only" / "train" / "0").mkdir(parents=True)
+        base["--data"] = str(tmp_path / "train_only")
     rc, _ = validate(tmp_path, *[x for kv in base.items() for x in kv])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and needle in err and len(err.splitlines()) == 1, err

@@ -118,7 +118,12 @@ def val_folder(data: str | Path) -> Path:
     if not data.is_dir():
         raise ValidationError(f"--data {data}: folder not found (give an ImageFolder root holding "
                               f"val/, or the val/ folder itself)")
-    return data / "val" if (data / "val").is_dir() else data
+    if (data / "val").is_dir():
+        return data / "val"
+    if (data / "train").is_dir():
+        raise ValidationError(f"--data {data} has train/ but no val/: give the folder that holds "
+                              f"val/, or the val/ folder itself")
+    return data
 
 
 def _head_key(model: nn.Module) -> str | None:
