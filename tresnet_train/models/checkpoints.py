@@ -152,10 +152,12 @@ def load_weights(model: nn.Module, path: str | Path, use_ema: bool = False, stri
                 del state_dict[k]
         if skipped:
             log.info("%s: classifier %s not loaded (shape differs from the model's)", path, skipped)
-    try:
-        result = model.load_state_dict(state_dict, strict=False)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: cannot load into {type(model).__name__}: {e}") from e
+    mismatched = [f"{k} {tuple(v.shape)} vs model {tuple(model_state[k].shape)}"
+                  for k, v in state_dict.items() if k in model_state and v.shape != model_state[k].shape]
+    if mismatched:
+        raise ValueError(f"{path} does not fit {type(model).__name__}: {len(mismatched)} tensors have "
+                         f"other shapes, e.g. {mismatched[:3]}. Is it the right model / num_classes?")
+    result = model.load_state_dict(state_dict, strict=False)
     missing = [k for k in result.missing_keys if not (skipped and k.startswith(head + "."))]
     if strict and (missing or result.unexpected_keys):
         raise ValueError(
