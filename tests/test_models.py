@@ -4,11 +4,14 @@ the paper; norm backends agree; models build on meta and compile without graph b
 import ast
 import copy
 import functools
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+import torch.utils.flop_counter
 from torch import nn
 
 from tresnet_train.models import (UnknownModelError, create_model, get_data_config,
@@ -349,3 +352,26 @@ def test_tresnet_m_has_no_graph_breaks():
     compiled = torch.compile(model, fullgraph=True, backend="eager")  # fullgraph: a break raises
     compiled(torch.rand(2, 3, SMALL, SMALL)).sum().backward()
     assert model.body.conv1.conv.weight.grad is not None
+
+
+# --- README table ---------------------------------------------------------------------------------
+
+def test_model_table_counts_macs(capsys):
+    spec = importlib.util.spec_from_file_location(
+        "model_table", Path(__file__).parents[1] / "scripts" / "model_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    with torch.device("meta"):
+        resnet50 = create_model("timm/resnet50")
+    assert table.gmacs(resnet50, 224) == pytest.approx(4.09, abs=0.01)  # ResNet-50's known 4.1 GMACs
+    tiny = fresh_model("tresnet_tiny").eval()
+    with torch.device("meta"):
+        tiny_meta = create_model("tresnet_tiny", norm="bn").eval()
+    assert 3.9 < table.gmacs(tiny_meta, 448) / table.gmacs(tiny_meta, 224) <= 4  # SE + fc stay fixed
+    flops = torch.utils.flop_counter.FlopCounterMode(display=False)
+    with flops, torch.no_grad():
+        tiny(torch.rand(1, 3, 224, 224))  # the same count when the arithmetic really runs
+    assert table.gmacs(tiny_meta, 224) == pytest.approx(flops.get_total_flops() / 2e9)
+    sys.argv = ["model_table.py", "--models", "tresnet_tiny"]
+    table.main()
+    assert "| tresnet_tiny | 1.00 | 0.14 | 0.56 |" in capsys.readouterr().out

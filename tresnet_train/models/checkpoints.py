@@ -157,7 +157,10 @@ def load_weights(model: nn.Module, path: str | Path, use_ema: bool = False, stri
     if mismatched:
         raise ValueError(f"{path} does not fit {type(model).__name__}: {len(mismatched)} tensors have "
                          f"other shapes, e.g. {mismatched[:3]}. Is it the right model / num_classes?")
-    result = model.load_state_dict(state_dict, strict=False)
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # a layer refused a value (e.g. InPlace-ABN and a negative scale)
+        raise ValueError(f"{path}: cannot load into {type(model).__name__}: {e}") from e
     missing = [k for k in result.missing_keys if not (skipped and k.startswith(head + "."))]
     if strict and (missing or result.unexpected_keys):
         raise ValueError(
