@@ -760,8 +760,9 @@ def to_markdown(report: dict) -> str:
         lines.append("")
 
     for e in report.get("e2e", []):
-        lines += [f"## End to end: train.py, {e['model']} @{e['size']}, batch {e['batch']}, "
-                  f"{e['epochs']} epoch(s) of {e['train_images']} images, {e['workers']} workers", "",
+        lines += [f"## End to end: train.py, {e['model']} @{e['size']}, batch {e.get('batch')}, "
+                  f"{e.get('epochs')} epoch(s) of {e.get('train_images')} images, "
+                  f"{e.get('workers')} loader workers", "",
                   "| data | img/s (median window, first left out) | vs synthetic | wall s | note |",
                   "|---|---|---|---|---|"]
         for label, r in e["runs"].items():
