@@ -176,6 +176,7 @@ def test_e2e_reads_metrics_windows(tmp_path):
     assert bm.read_img_per_s(metrics) == [50.0, 100.0, 110.0]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (MINI / "train").is_dir(), reason=f"no real images at {MINI}")
 def test_e2e_runs_train_py_on_cpu(tmp_path):
     """Two short train.py runs (synthetic vs JPEGs through the torch loader): img/s and their ratio."""
@@ -196,3 +197,31 @@ def test_e2e_runs_train_py_on_cpu(tmp_path):
     assert entry["runs"]["torch"]["ratio_vs_synthetic"] > 0
     t = {x["target"]: x for x in report["targets"]}
     assert t["e2e_torch_vs_synthetic"]["status"] in ("met", "missed")
+
+
+@pytest.mark.parametrize("threshold,limit,expected,capped", [
+    (1000, 4096, 1000, False),   # doubling 64..512 fits, 1024 fails, bisection to a multiple of 8
+    (70, 4096, 64, False),       # 128 fails: bisection between 64 and 128 finds nothing larger
+    (10**6, 512, 512, True),     # never fails: stops at the cap and says so
+    (30, 4096, 24, False),       # the first probe (64) fails: bisection below it
+])
+def test_max_batch_search(monkeypatch, threshold, limit, expected, capped):
+    """Doubling then bisection, on a stand-in for 'does one step fit in GPU memory'."""
+    bm = load_benchmark()
+    tried = []
+
+    def fake_fits(bench, batch, size):
+        tried.append(batch)
+        return batch <= threshold
+    monkeypatch.setattr(bm, "fits", fake_fits)
+    found = bm.find_max_batch(bench=None, size=224, limit=limit, granularity=8)
+    assert found["max_batch"] == expected and found["limit_reached"] is capped
+    assert found["max_batch"] % 8 == 0 and found["probes"] == len(tried)
+    assert all(b <= limit for b in tried)
+
+
+def test_oom_errors_are_recognised():
+    bm = load_benchmark()
+    assert bm.is_oom(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert bm.is_oom(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert not bm.is_oom(RuntimeError("shape '[2, 3]' is invalid"))
