@@ -146,11 +146,17 @@ def test_official_file_loads_into_batchnorm_as_timm_converts_it(name, tmp_path):
         assert torch.equal(value, expected[key]), key  # keys mapped, |w| + eps, filters dropped
 
     # timm's own converter (its regex would also rename the stored filters, so they are left out)
-    reference = timm.create_model(name, pretrained=False)
+    # gives the same tensors (timm's files keep no batch counter: it is 0 in both)
+    with torch.device("meta"):
+        reference = timm.create_model(name, pretrained=False)
     converted = timm_official_filter({k: v for k, v in official.items() if not k.endswith("op.filt")},
                                      reference)
-    reference.load_state_dict(converted, strict=True)
-    assert (logits(ours) - logits(reference)).abs().max() <= TOLERANCE
+    assert converted.keys() == ours.state_dict().keys()
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in converted.items())
+    if name == "tresnet_m":  # and the outputs, once
+        reference = timm.create_model(name, pretrained=False)
+        reference.load_state_dict(converted, strict=True)
+        assert (logits(ours) - logits(reference)).abs().max() <= TOLERANCE
 
 
 def test_official_blur_filter_must_be_binomial(tmp_path):
