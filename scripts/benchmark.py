@@ -100,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="variants whose max batch is searched (others reuse eager's for the 90%% run)")
     p.add_argument("--max-batch-limit", type=int, default=4096, help="stop doubling here")
     p.add_argument("--max-batch-granularity", type=int, default=8)
+    p.add_argument("--max-batch-from", nargs="+", metavar="JSON", default=[],
+                   help="earlier result files whose max batches the 90%% run may use (same device)")
     p.add_argument("--big-batch", choices=("on", "off"), default="on",
                    help="also time training at 90%% of the max batch")
     p.add_argument("--time-budget", type=float, default=0,
@@ -110,8 +112,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ratio-size", type=int, default=224, help="input size the targets compare at")
     p.add_argument("--out-dir", default="benchmarks", help="where the .json and .md go")
     p.add_argument("--tag", default="", help="suffix of the output file names")
+    p.add_argument("--mirror-dir", default=None,
+                   help="also write the files here (e.g. /tmp on a lease, for the next call to read)")
     p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
                    help="merge result files of earlier runs (same device) into one report")
+    p.add_argument("--imagenette", nargs="+", metavar="JSON", default=[],
+                   help="with --merge: imagenette_result.json files of scripts/imagenette.sh to include")
     # e2e
     p.add_argument("--data-root", default=os.environ.get("IMAGENETTE_ROOT", ""),
                    help="e2e: ImageFolder root with train/ and val/ (default $IMAGENETTE_ROOT)")
@@ -469,7 +475,7 @@ def guarded(record: dict, key: str, fn) -> None:
 
 
 def measure(model_name: str, size: int, variant: str, args, device, flops: float | None,
-            peak: dict | None, eager_max: int | None) -> dict:
+            peak: dict | None, known_max: tuple[int, str] | None) -> dict:
     flags = parse_variant(variant)
     rec = {"model": model_name, "size": size, "variant": variant, "status": "ok",
            "fwd_gflops": flops / 1e9 if flops else None, "amp": args.amp}
@@ -489,11 +495,12 @@ def measure(model_name: str, size: int, variant: str, args, device, flops: float
     if searched:
         guarded(rec, "max_batch", lambda: find_max_batch(bench, size, args.max_batch_limit,
                                                          args.max_batch_granularity))
-    max_batch = (rec.get("max_batch") or {}).get("max_batch") or eager_max
+    own = (rec.get("max_batch") or {}).get("max_batch")
+    max_batch, source = (own, "own search") if own else (known_max or (None, None))
     if args.big_batch == "on" and max_batch and "error" not in rec.get("train", {}):
         big = max(args.max_batch_granularity,
                   int(0.9 * max_batch) // args.max_batch_granularity * args.max_batch_granularity)
-        rec["train_big_from"] = "own search" if searched else "eager's search"
+        rec["train_big_from"] = source
         guarded(rec, "train_big", lambda: timed(bench, "train", big, size, args, flops, peak))
     if "error" in rec.get("train", {}):
         rec["status"] = "error"
@@ -522,6 +529,11 @@ def run_micro(args, device: torch.device, report: dict, save) -> None:
     for v in variants:
         parse_variant(v)
     args.max_batch_variants = [v.strip() for v in args.max_batch_variants.split(",")]
+    prior = {}  # (model, size, variant) -> max batch, from earlier runs on this device
+    for path in args.max_batch_from:
+        for r in json.loads(Path(path).read_text()).get("results", []):
+            if (r.get("max_batch") or {}).get("max_batch"):
+                prior[(r["model"], r["size"], r["variant"])] = r["max_batch"]["max_batch"]
     run = report["runs"][-1]
     run["peak_bf16_matmul"] = measure_matmul_peak(device)
     if run["peak_bf16_matmul"]:
@@ -537,8 +549,12 @@ def run_micro(args, device: torch.device, report: dict, save) -> None:
                 rec = {"model": model_name, "size": size, "variant": variant, "status": "skipped",
                        "reason": f"time budget of {args.time_budget:.0f} s spent"}
             else:
+                known = [(b, src) for b, src in (
+                    (prior.get((model_name, size, variant)), f"{variant}'s search, earlier run"),
+                    (eager_max, "eager's search"),
+                    (prior.get((model_name, size, "eager")), "eager's search, earlier run")) if b]
                 rec = measure(model_name, size, variant, args, device, flops,
-                              run["peak_bf16_matmul"], eager_max)
+                              run["peak_bf16_matmul"], known[0] if known else None)
             rec["run"] = len(report["runs"]) - 1
             if variant == "eager":
                 eager_max = (rec.get("max_batch") or {}).get("max_batch")
@@ -771,6 +787,17 @@ def to_markdown(report: dict) -> str:
                          f"{r.get('error', '')} |")
         lines.append("")
 
+    if report.get("imagenette"):
+        lines += ["## Time to accuracy: TResNet-M from scratch on imagenette-128 (scripts/imagenette.sh)",
+                  "", "| epochs | top-1 final weights | top-1 EMA | fast.ai leaderboard (128 px) | wall s |",
+                  "|---|---|---|---|---|"]
+        for r in sorted(report["imagenette"], key=lambda r: r["epochs"]):
+            lines.append(f"| {r['epochs']} | {_fmt(r.get('top1'), 2, '%')} | "
+                         f"{_fmt(r.get('top1_ema'), 2, '%')} | "
+                         f"{_fmt(r.get('reference_top1_fastai'), 2, '%')} | {_fmt(r.get('wall_s'), 0)} |")
+        lines += ["", "Command: `" + report["imagenette"][0].get("command", "") + "` (epochs and "
+                  "recipe switches differ per row; see scripts/imagenette.sh)", ""]
+
     s = report["settings"]
     if not report["results"]:
         return "\n".join(lines) + "\n"
@@ -811,12 +838,15 @@ def output_paths(args, env: dict) -> tuple[Path, Path]:
     return out / f"{stem}.json", out / f"{stem}.md"
 
 
-def write(report: dict, json_path: Path, md_path: Path) -> None:
+def write(report: dict, json_path: Path, md_path: Path, mirror: str | None = None) -> None:
     report["targets"] = compute_targets(report)
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1, default=str))
-    tmp.replace(json_path)
-    md_path.write_text(to_markdown(report))
+    text, md = json.dumps(report, indent=1, default=str), to_markdown(report)
+    for folder in [json_path.parent] + ([Path(mirror)] if mirror else []):
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (json_path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(folder / json_path.name)  # atomic: a killed call leaves a whole file
+        (folder / md_path.name).write_text(md)
 
 
 def merge(args) -> dict:
@@ -835,6 +865,8 @@ def merge(args) -> dict:
             keyed[(r["model"], r["size"], r["variant"])] = {**r, "run": r.get("run", 0) + offset}
         out["e2e"] += [{**e, "run": e.get("run", 0) + offset} for e in rep.get("e2e", [])]
     out["results"] = list(keyed.values())
+    out["imagenette"] = [r for rep in reports for r in rep.get("imagenette", [])]
+    out["imagenette"] += [json.loads(Path(p).read_text()) for p in args.imagenette]
     out["runs"].append({"command": args.command, "env": {**reports[0]["runs"][0]["env"],
                         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")},
                         "merged_from": [str(p) for p in args.merge]})
@@ -846,7 +878,7 @@ def main(argv=None) -> int:
     if args.merge:
         report = merge(args)
         json_path, md_path = output_paths(args, report["runs"][0]["env"])
-        write(report, json_path, md_path)
+        write(report, json_path, md_path, args.mirror_dir)
         print(f"merged {len(args.merge)} file(s) into {json_path} and {md_path}")
         print_targets(report)
         return 0
@@ -856,7 +888,7 @@ def main(argv=None) -> int:
     report["device"] = env
     report["runs"].append({"command": args.command, "env": env})
     json_path, md_path = output_paths(args, env)
-    save = lambda: write(report, json_path, md_path)  # noqa: E731
+    save = lambda: write(report, json_path, md_path, args.mirror_dir)  # noqa: E731
     print(f"{env['device']} | torch {env['torch']} | CUDA {env['cuda']} | driver {env.get('driver')}"
           f" -> {json_path}", flush=True)
     save()

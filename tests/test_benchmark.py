@@ -28,7 +28,11 @@ def load_benchmark():
 def cpu_run(tmp_path_factory):
     """One CPU run: tresnet_tiny at 32 px in three variants, plus a size its stem cannot take (30 px)."""
     out = tmp_path_factory.mktemp("bench")
+    prior = out.parent / "prior.json"  # an earlier run's max batch: the 90%-of-max run uses it
+    prior.write_text(json.dumps({"results": [
+        {"model": "tresnet_tiny", "size": 32, "variant": "eager", "max_batch": {"max_batch": 10}}]}))
     cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--models", "tresnet_tiny,tresnet_tiny@30",
+           "--max-batch-from", str(prior), "--mirror-dir", str(out.parent / "mirror"),
            "--sizes", "32", "--variants", "eager,channels_last,cudagraphs", "--batch", "2",
            "--iters", "2", "--warmup", "1", "--repeats", "2", "--out-dir", str(out),
            "--ours", "tresnet_tiny", "--timm-ref", "tresnet_tiny", "--resnet-ref", "tresnet_tiny",
@@ -46,6 +50,7 @@ def test_cpu_report_has_environment_and_command(cpu_run):
     env = report["device"]
     for key in ("device", "driver", "torch", "cuda", "cudnn", "timm", "date", "python"):
         assert key in env
+    assert (json_path.parent.parent / "mirror" / json_path.name).read_text() == json_path.read_text()
     (run,) = report["runs"]
     assert "scripts/benchmark.py" in run["command"] and "--models" in run["command"]
     assert run["peak_bf16_matmul"] is None  # no matmul ceiling on CPU, so no MFU
@@ -65,6 +70,8 @@ def test_cpu_measurements_are_sane(cpu_run):
             assert len(m["img_per_s_repeats"]) == 2
             assert m["mfu"] is None and m["peak_mem_gib"] is None
         assert "max_batch" not in r  # the search is GPU-only
+        big = r["train_big"]  # 90% of the earlier run's 10, down to a multiple of 8
+        assert big["batch"] == 8 and big["img_per_s"] > 0 and "earlier run" in r["train_big_from"]
     assert by_variant[(32, "eager")]["memory_format"] == "nchw"
     assert by_variant[(32, "channels_last")]["memory_format"] == "channels_last"
     assert by_variant[(32, "cudagraphs")]["status"] == "skipped"
@@ -151,8 +158,11 @@ def test_merge_combines_runs_and_recomputes_targets(cpu_run, tmp_path):
     extra_path = tmp_path / "extra.json"
     extra_path.write_text(json.dumps(extra))
     out = tmp_path / "merged"
+    imagenette = tmp_path / "imagenette_result.json"
+    imagenette.write_text(json.dumps({"epochs": 5, "top1": 80.5, "top1_ema": 81.25, "wall_s": 60.0,
+                                      "reference_top1_fastai": 87.43, "command": "python train.py"}))
     assert bm.main(["--merge", str(json_path), str(extra_path), "--out-dir", str(out),
-                    "--tag", "all"]) == 0
+                    "--tag", "all", "--imagenette", str(imagenette)]) == 0
     (merged_path,) = out.glob("*-all.json")
     merged = json.loads(merged_path.read_text())
     assert len(merged["runs"]) == 3 and merged["runs"][-1]["merged_from"]
@@ -163,6 +173,7 @@ def test_merge_combines_runs_and_recomputes_targets(cpu_run, tmp_path):
     assert t["train_vs_timm_compile"]["status"] == "met"  # the compile result came from file 2
     md = (out / merged_path.name.replace(".json", ".md")).read_text()
     assert "--variants compile" in md
+    assert "| 5 | 80.50% | 81.25% | 87.43% | 60 |" in md
 
 
 def test_e2e_reads_metrics_windows(tmp_path):
