@@ -531,6 +531,9 @@ def run_micro(args, device: torch.device, report: dict, save) -> None:
     args.max_batch_variants = [v.strip() for v in args.max_batch_variants.split(",")]
     prior = {}  # (model, size, variant) -> max batch, from earlier runs on this device
     for path in args.max_batch_from:
+        if not Path(path).is_file():  # e.g. the lease machine was replaced and /tmp is empty
+            print(f"warning: --max-batch-from {path}: no such file; going on without it", file=sys.stderr)
+            continue
         for r in json.loads(Path(path).read_text()).get("results", []):
             if (r.get("max_batch") or {}).get("max_batch"):
                 prior[(r["model"], r["size"], r["variant"])] = r["max_batch"]["max_batch"]
