@@ -184,7 +184,7 @@ def test_drop_path_rises_linearly_over_blocks(name, randomize_norms):
     rates = [b.drop_path.rate if isinstance(b.drop_path, DropPath) else 0.0 for b in blocks]
     expected = torch.linspace(0, 0.3, len(blocks)).tolist()
     assert rates == pytest.approx(expected)
-    x = torch.rand(4, 3, SMALL, SMALL)
+    x = torch.rand(4, 3, 32, 32)
     model.eval()
     assert torch.equal(model(x), model(x))  # identity in eval
     model.train()
