@@ -1,7 +1,6 @@
 """Convert a checkpoint (ours, timm, or official TResNet) to a timm-format state dict.
 
-    python scripts/convert_checkpoint.py runs/m/last.pth tresnet_m_timm.pth --ema \
-        --verify-timm-model tresnet_m
+    python scripts/convert_checkpoint.py runs/m/last.pth m_timm.pth --ema --verify-timm-model tresnet_m
 
 The result loads with `timm.create_model(name).load_state_dict(torch.load(path), strict=True)`.
 """
