@@ -115,7 +115,7 @@ mkdir -p .data
 [ -d .data/imagenette-128/train ] || cp -r "$DATA_SRC" .data/imagenette-128
 
 echo "4/4 splitting into parts that fit one call each ..."
-cp "$stamp" "$PAYLOAD/build/site.tar.xz"
+cp -p "$stamp" "$PAYLOAD/build/site.tar.xz"  # -p: same mtime, same payload sha on a re-run
 tar -C "$PAYLOAD/build" -cf "$PAYLOAD/build/payload.tar" site.tar.xz imagenette-128.tar.gz
 rm "$PAYLOAD/build/site.tar.xz"
 tree_bytes=$(git ls-files -z --cached --others --exclude-standard |
