@@ -53,7 +53,7 @@ def ensure_installed() -> None:
         raise ClusterUnavailable(f"{', '.join(missing)} missing and no apt-get to install them")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update", "-q"],
-                ["apt-get", "install", "-y", "-q", "--no-install-recommends", *APT_PACKAGES]):
+                ["apt-get", "install", "-y", "-q", *APT_PACKAGES]):
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if r.returncode != 0:
             raise ClusterUnavailable(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr[-2000:]}")

@@ -3,8 +3,9 @@
 #
 # How preemption works, measured on slurm-wlm 22.05 with torch 2.14 (tests/test_slurm.py runs it):
 #  * `#SBATCH --signal=B:USR1@300` asks SLURM for SIGUSR1 to the batch shell ~300 s before the time
-#    limit (SLURM checks every ~30 s, so it may come up to a minute early). `B:` because torchrun-style
-#    launchers would otherwise get it first and (plain torchrun) die of it.
+#    limit (SLURM checks every ~30 s, so it may come up to a minute early). `B:` (the batch shell only,
+#    not the steps) so that the shell knows the allocation is ending, even if the trainer dies of a
+#    signal that came before it installed its handler; without `B:` plain torchrun would die of it.
 #  * bash runs a trap only between commands, so the step runs in the background and the shell `wait`s.
 #    The trap sends SIGUSR1 to `srun`, which forwards it to every process of the step. SIGUSR1 also for
 #    a SIGTERM the shell gets (`scancel -b --signal=TERM`): srun answers SIGTERM by killing the step.
@@ -16,10 +17,15 @@
 #    is eligible again. The new start resumes from last.pth (run.resume=auto, the default).
 #  * If the shell got a stop signal, the job requeues even when the step did not exit 75 (a signal that
 #    came before the trainer installed its handler): the allocation ends anyway, and the resumed run
-#    starts from the newest checkpoint. A plain `scancel` (a cancel) checkpoints too, but SLURM refuses
-#    to requeue a cancelled job, so it stays cancelled.
+#    starts from the newest checkpoint. A plain `scancel` cancels: SLURM refuses to requeue a cancelled
+#    job, so it stays cancelled.
+#  * A SIGTERM to every process of the job (`scancel --full`, preemption with GraceTime unless the site
+#    sets PreemptParameters=send_user_signal) also reaches srun, which answers SIGTERM by SIGKILLing
+#    its step at once (it does so even when started with SIGTERM ignored). The trainer then gets
+#    no time to checkpoint; the job still requeues (the shell got SIGTERM) and resumes from the newest
+#    periodic checkpoint: set run.ckpt_every_steps to bound what is lost. Prefer the USR1 warning.
 #  * Without the warning signal, the time limit sends SIGTERM to everything and, KillWait (often 30 s)
-#    later, SIGKILL: the trainer checkpoints if it can, but the job ends TIMEOUT and is not requeued.
+#    later, SIGKILL: the job ends TIMEOUT and is not requeued.
 
 PYTHON=${PYTHON:-python}          # the interpreter of your environment (activate it before sbatch)
 MAX_REQUEUES=${MAX_REQUEUES:-100}  # safety valve against a requeue loop
@@ -38,7 +44,9 @@ resolve_run_dir() {
 
 # log_to_run_dir: from here on, copy this job's output into $RUN_DIR/slurm-<job id>.out as well.
 log_to_run_dir() {
-  exec > >(tee -a "$RUN_DIR/slurm-${SLURM_JOB_ID}.out") 2>&1
+  # tee ignores SIGTERM: a job-wide SIGTERM (preemption, `scancel --full`) must not kill the log, or the
+  # shell's next line dies of SIGPIPE before it can requeue.
+  exec > >(trap '' TERM; exec tee -a "$RUN_DIR/slurm-${SLURM_JOB_ID}.out") 2>&1
   echo "[$(date +%FT%T)] job ${SLURM_JOB_ID} start ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST}," \
        "run folder ${RUN_DIR}"
 }
