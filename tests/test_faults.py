@@ -110,7 +110,7 @@ def test_crafted_pickle_is_refused_and_never_runs(tmp_path):
     (["optim.lr=-1"], "config key 'optim.lr': must be > 0"),
     (["data.batch_size=-8"], "config key 'data.batch_size': must be > 0"),
     (["data.source=folder", "data.root=/nonexistent/imagenet"], "config key 'data.root'"),
-    (["model.name=tresnet_mm"], "did you mean"),
+    (["model.name=tresnet_mm"], "Did you mean 'tresnet_m'"),
     (["data.source=folder", "data.root=SHARED_MINI", "model.num_classes=1000"],
      "model.num_classes' is 1000 but"),
 ])

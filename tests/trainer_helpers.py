@@ -28,7 +28,9 @@ def tiny_overrides(out: Path, digits_root: Path, **extra) -> list[str]:
 
 
 def env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # PYTHONPATH: helper scripts under tests/ import the package from the checkout.
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+             PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     e.pop("RANK", None)
     return e
 

@@ -277,7 +277,8 @@ def validate(cfg: Config) -> Config:
     for key in ("model.pretrained", "model.init_from"):
         path = get(key)
         if path is not None and not Path(path).is_file():
-            raise ConfigError(f"config key '{key}': checkpoint file not found: {path}")
+            raise ConfigError(f"config key '{key}': checkpoint file not found: {path} "
+                              f"(train that run first, or set {key}=PATH to an existing checkpoint)")
     return cfg
 
 

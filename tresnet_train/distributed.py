@@ -88,6 +88,18 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank `src`'s buffers (BatchNorm running stats) to every rank, in place.
+
+    DDP broadcasts them at the start of each forward, so after the last step of an epoch each rank
+    holds stats updated by its own batch only. Called before validation and saving so that every
+    rank evaluates, and every checkpoint holds, the same model.
+    """
+    if dist.is_available() and dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=src)
+
+
 def broadcast_object(obj, src: int = 0):
     if not (dist.is_available() and dist.is_initialized()):
         return obj

@@ -1,9 +1,11 @@
 """Batch statistics synchronised across GPUs, for BatchNorm and InPlace-ABN models alike.
 
-torch's SyncBatchNorm replaces BatchNorm2d. InPlace-ABN's own `InPlaceABNSync` captures its default
-process group when the module is built; a model built before `init_process_group` (as ours is) would
-then silently not sync, so the converted layers are given the world group explicitly. On CPU (gloo)
-neither sync layer runs, so batch statistics stay per process there, and the log says so.
+torch's SyncBatchNorm replaces BatchNorm2d. InPlace-ABN's sync kernel takes a process group argument
+whose default is captured when `inplace_abn` is imported, before `init_process_group` has run: left at
+its default it silently computes per-process statistics. Our InPlace-ABN layers (`InPlaceABNLeaky`)
+are therefore given the world group explicitly (`sync_group`), and any other InPlaceABN is replaced by
+an `InPlaceABNSync` bound to it. Both sync kernels need CUDA tensors, so on CPU (gloo) batch
+statistics stay per process, and the log says so.
 """
 from __future__ import annotations
 
@@ -17,9 +19,14 @@ log = logging.getLogger(__name__)
 
 
 def _convert_iabn(module: nn.Module, group) -> nn.Module:
-    """Replace every InPlaceABN with an InPlaceABNSync bound to `group`, keeping its state."""
+    """Bind every InPlace-ABN layer to `group`: ours in place, others replaced by InPlaceABNSync."""
     from inplace_abn import InPlaceABN, InPlaceABNSync
 
+    from .models.inplace_abn_norm import InPlaceABNLeaky
+
+    if isinstance(module, InPlaceABNLeaky):
+        module.sync_group = group
+        return module
     if isinstance(module, InPlaceABN) and not isinstance(module, InPlaceABNSync):
         synced = InPlaceABNSync(module.num_features, eps=module.eps, momentum=module.momentum,
                                 affine=module.affine, activation=module.activation,

@@ -25,7 +25,8 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_yaml, to_dict
 from .data import DataError, build_loaders, scan_image_folder
-from .distributed import World, all_reduce_sum, barrier, cleanup, gather_objects, init_distributed
+from .distributed import (World, all_reduce_sum, barrier, broadcast_buffers, cleanup, gather_objects,
+                          init_distributed)
 from .engine import NoEMA, StepParts, evaluate, train_one_epoch
 from .logs import MetricsLog, Progress, setup_console
 from .losses import build_batch_augment, build_criterion
@@ -79,6 +80,7 @@ class StopSignal:
 
 
 def build_model(cfg: Config, device: torch.device) -> nn.Module:
+    torch.manual_seed(cfg.run.seed)  # same initial weights for the same seed, run after run
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes,
                          pretrained=cfg.model.pretrained, norm=cfg.model.norm,
                          drop_path_rate=cfg.model.drop_path_rate)
@@ -319,6 +321,10 @@ class Trainer:
                             on_step_and_note)
         finally:
             progress.close()
+        if not stopped:
+            broadcast_buffers(self.model)
+            if self.ema.module is not None:
+                broadcast_buffers(self.ema.module)
         return stopped
 
     def validate(self, epoch: int, epoch_time: float) -> dict:

@@ -35,7 +35,7 @@ def dataset_root(data_cfg) -> Path | None:
         return None
     if data_cfg.source == "digits":
         return build_digits(data_cfg.root or None)
-    return Path(data_cfg.root).expanduser()
+    return Path(data_cfg.root).expanduser().absolute()  # DALI file lists need absolute paths
 
 
 def _check_randaugment(spec: str) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 from inplace_abn import InPlaceABN
-from inplace_abn.functions import inplace_abn
+from inplace_abn.functions import inplace_abn, inplace_abn_sync
 
 # A BatchNorm scale below -tolerance has no InPlace-ABN equivalent (the kernel would use ~ -scale).
 NEGATIVE_SCALE_TOLERANCE = 1e-3
@@ -32,6 +32,9 @@ class InPlaceABNLeaky(InPlaceABN):
             activation, param = "leaky_relu", act_slope
         super().__init__(num_features, eps=eps, momentum=momentum, activation=activation,
                          activation_param=param)
+        # Process group for batch statistics across ranks (set by sync_norm.convert_sync_norm).
+        # None computes them per process; the kernel's own default would be None too, silently.
+        self.sync_group = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float16 and x.device.type == "cpu":
@@ -40,8 +43,11 @@ class InPlaceABNLeaky(InPlaceABN):
         momentum, training = self._get_momentum_and_training()
         running_mean, running_var = self._get_running_stats()
         # The kernel scales by |w| + eps: pass weight - eps so the scale is `weight` (see module doc).
-        return inplace_abn(x, self.weight - self.eps, self.bias, running_mean, running_var, training,
-                           momentum, self.eps, self.activation, self.activation_param)
+        args = (x, self.weight - self.eps, self.bias, running_mean, running_var, training, momentum,
+                self.eps, self.activation, self.activation_param)
+        if training and self.sync_group is not None:
+            return inplace_abn_sync(*args, group=self.sync_group)
+        return inplace_abn(*args)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
