@@ -36,7 +36,6 @@ import argparse
 import datetime as dt
 import gc
 import json
-import math
 import os
 import platform
 import re

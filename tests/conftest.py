@@ -1,4 +1,4 @@
-"""Model-test fixtures."""
+"""Shared fixtures: the digits dataset (trainer, fault and validation tests), model-test helpers."""
 import pytest
 import torch
 
@@ -25,3 +25,10 @@ def _randomize_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def randomize_norms():
     """`randomize_norms(model, seed=0)`: random positive norm scales and statistics, in place."""
     return _randomize_norms
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """The demo's digits dataset (ImageFolder of JPEGs), built once per test session."""
+    from tresnet_train.data.digits import build_digits
+    return build_digits(tmp_path_factory.mktemp("digits") / "digits")

@@ -19,12 +19,6 @@ from tresnet_train import checkpoint
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from tresnet_train.data.digits import build_digits
-    return build_digits(tmp_path_factory.mktemp("digits") / "digits")
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, digits):
     out = tmp_path_factory.mktemp("reference")
     proc = train(tiny_overrides(out, digits, **{"train.epochs": 3}))

@@ -1,5 +1,4 @@
 """Schedules are pure functions of the step; parameter groups are chosen by structure."""
-import math
 
 import pytest
 import torch

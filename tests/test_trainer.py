@@ -15,13 +15,6 @@ from trainer_helpers import (ROOT, SHARED_DATA, assert_same_weights, env, load, 
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """The demo's digits dataset, built once for the module."""
-    from tresnet_train.data.digits import build_digits
-    return build_digits(tmp_path_factory.mktemp("digits") / "digits")
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, digits):
     """An uninterrupted tiny run: the weights every resumed run must reproduce exactly."""
     out = tmp_path_factory.mktemp("reference")

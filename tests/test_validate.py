@@ -28,12 +28,6 @@ JSON_KEYS = {"model", "checkpoint", "top1", "top5", "loss", "num_images", "img_s
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from tresnet_train.data.digits import build_digits
-    return build_digits(tmp_path_factory.mktemp("digits") / "digits")
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, digits):
     """A tiny 2-epoch run (model + EMA): its last.pth and the val records it logged."""
     out = tmp_path_factory.mktemp("trained")

@@ -35,26 +35,21 @@ def env() -> dict:
     return e
 
 
+def _command(overrides: list[str], nproc: int) -> list[str]:
+    """train.py as a user would run it (torchrun --standalone for nproc > 1) on the demo config."""
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return launcher + ["train.py", "--config", "configs/demo.yaml", *overrides]
+
+
 def train(overrides: list[str], nproc: int = 1, timeout: float = 240, **kw) -> subprocess.CompletedProcess:
-    """Run train.py as a user would (torchrun --standalone for nproc > 1)."""
-    if nproc == 1:
-        cmd = [sys.executable, "train.py"]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "train.py"]
-    return subprocess.run(cmd + ["--config", "configs/demo.yaml", *overrides], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run(_command(overrides, nproc), cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=timeout, **kw)
 
 
 def start_train(overrides: list[str], nproc: int = 1) -> subprocess.Popen:
-    if nproc == 1:
-        cmd = [sys.executable, "train.py"]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "train.py"]
-    return subprocess.Popen(cmd + ["--config", "configs/demo.yaml", *overrides], cwd=ROOT, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(_command(overrides, nproc), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def wait_for_step(path: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:

@@ -217,6 +217,9 @@ class Trainer:
         if path is None:
             log.info("starting a fresh run in %s", self.out)
             return
+        if cfg.model.init_from:
+            log.info("run folder %s has a checkpoint: resuming from it; model.init_from applies to "
+                     "fresh runs only", self.out)
         state = ckpt.load(path)
         self.model.load_state_dict(state["model"])
         if state.get("ema") is not None and self.ema.module is not None:
@@ -237,7 +240,10 @@ class Trainer:
             log.warning("resuming with world size %d from a %d-process checkpoint: the data order "
                         "of the current epoch restarts from the saved step with a new sharding",
                         self.world.world_size, state["world_size"])
-        log.info("resumed from %s at epoch %d, step %d", path, self.epoch + 1, self.start_step)
+        if self.epoch >= cfg.train.epochs:
+            log.info("resumed from %s: all %d epochs are done already", path, cfg.train.epochs)
+        else:
+            log.info("resumed from %s at epoch %d, step %d", path, self.epoch + 1, self.start_step)
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> int:

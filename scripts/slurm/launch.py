@@ -12,8 +12,12 @@ So this launcher runs torch's own `torch.distributed.run` with two changes:
      signals every process of the step itself, with proctrack/cgroup or linuxproc; the copy covers
      proctrack/pgid, where torchrun's workers sit in their own process groups and would be missed).
      The trainer treats a repeated signal like one. The agent keeps monitoring and sees the workers exit.
-  2. The exit code is the workers': 0 when all finished, 75 when every failed worker exited 75, else the
-     first other failure (a worker killed by signal N reads 128+N, as in a shell).
+  2. The exit code is the workers': 0 when all finished, 75 when the workers stopped on a signal, else
+     the first other failure (a worker killed by signal N reads 128+N, as in a shell). "Stopped" means
+     at least one worker exited 75 and every other one exited 75 or died of the agent's SIGTERM: when
+     the first worker exits 75, torchrun terminates the rest, and a worker still finalizing the Python
+     interpreter (its handlers reset to the default) dies of that SIGTERM. Nothing is lost by then: the
+     trainer exits 75 only after all ranks passed a barrier behind the written checkpoint.
 Everything else (rendezvous, --nproc-per-node, --shutdown-timeout, ...) is torchrun's.
 """
 from __future__ import annotations
@@ -53,6 +57,10 @@ def exit_code(failures: dict) -> int:
     """One exit code for the node from torchrun's per-rank failures ({rank: ProcessFailure})."""
     codes = [f.exitcode for _, f in sorted(failures.items())]
     codes = [128 - c if c < 0 else c for c in codes]  # -N: killed by signal N
+    terminated = 128 + signal.SIGTERM
+    others = [c for c in codes if c not in (STOPPED, terminated)]
+    if STOPPED in codes and not others:
+        return STOPPED
     others = [c for c in codes if c != STOPPED]
     return others[0] if others else STOPPED
 
