@@ -244,21 +244,16 @@ def build_val_loader(plan: Plan, world: World, device: torch.device):
     `data.build_loaders` needs train/ beside val/; here only the val folder is required.
     Returns (loader, split, preprocess, backend name).
     """
-    from .data import Preprocess, ValPlan, index_images, resolve_backend
-    from .data.dali_backend import DaliValLoader
-    from .data.torch_backend import TorchValLoader
+    from .data import Preprocess, index_images, resolve_backend
+    from .data.build import build_val_loader as build_split_loader
+    from .data.build import index_threads
 
     d = plan.cfg.data
     pre = Preprocess.from_config(d, plan.data_config)
     backend = resolve_backend(d.backend)
     split = index_images(plan.val_dir, plan.classes, strict=d.strict,
-                         threads=min(32, max(4, 2 * d.workers)))
-    val_plan = ValPlan(len(split.samples), d.val_batch_size, world.world_size, world.rank)
-    if backend == "dali":
-        loader = DaliValLoader(split, val_plan, pre, device, d.workers)
-    else:
-        loader = TorchValLoader(split, val_plan, pre, device, d.workers, d.strict)
-    return loader, split, pre, backend
+                         threads=index_threads(d.workers))
+    return build_split_loader(split, d, pre, backend, world, device), split, pre, backend
 
 
 class Predictions:

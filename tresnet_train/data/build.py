@@ -38,6 +38,20 @@ def dataset_root(data_cfg) -> Path | None:
     return Path(data_cfg.root).expanduser().absolute()  # DALI file lists need absolute paths
 
 
+def index_threads(workers: int) -> int:
+    """Threads for listing and checking a split's files (I/O bound: more than the loader workers)."""
+    return min(32, max(4, 2 * workers))
+
+
+def build_val_loader(split, data_cfg, pre: Preprocess, backend: str, world, device: torch.device):
+    """This rank's val loader for an indexed split: round-robin by global rank, padded (target -1)."""
+    val_plan = ValPlan(len(split.samples), data_cfg.val_batch_size or data_cfg.batch_size,
+                       world.world_size, world.rank)
+    if backend == "dali":
+        return DaliValLoader(split, val_plan, pre, device, data_cfg.workers)
+    return TorchValLoader(split, val_plan, pre, device, data_cfg.workers, data_cfg.strict)
+
+
 def _check_randaugment(spec: str) -> None:
     if not spec:
         return
@@ -66,21 +80,18 @@ def build_loaders(cfg, data_config: dict, world, device: torch.device):
 
     root = dataset_root(d)
     backend = resolve_backend(d.backend)
-    threads = min(32, max(4, 2 * d.workers))
-    train = index_split(root, "train", strict=d.strict, threads=threads)
-    val = index_split(root, "val", strict=d.strict, threads=threads)
+    train = index_split(root, "train", strict=d.strict, threads=index_threads(d.workers))
+    val = index_split(root, "val", strict=d.strict, threads=index_threads(d.workers))
     train_plan = TrainPlan(len(train.samples), d.batch_size, world.world_size, world.rank,
                            cfg.run.seed, repeats)
-    val_plan = ValPlan(len(val.samples), val_batch, world.world_size, world.rank)
     if backend == "dali":
-        loaders = (DaliTrainLoader(train, train_plan, pre, device, d.workers),
-                   DaliValLoader(val, val_plan, pre, device, d.workers))
+        train_loader = DaliTrainLoader(train, train_plan, pre, device, d.workers)
     else:
-        loaders = (TorchTrainLoader(train, train_plan, pre, device, d.workers, d.strict),
-                   TorchValLoader(val, val_plan, pre, device, d.workers, d.strict))
+        train_loader = TorchTrainLoader(train, train_plan, pre, device, d.workers, d.strict)
+    val_loader = build_val_loader(val, d, pre, backend, world, device)
     log.info("data: %s backend on %s | %d classes | train %d images, %d steps of %d per rank x %d "
              "rank(s) | val %d images, %d steps of %d | train crop %d, eval resize %d crop %d (%s)",
              backend, device, len(train.classes), len(train.samples), train_plan.steps, d.batch_size,
-             world.world_size, len(val.samples), val_plan.steps, val_batch, pre.img_size,
+             world.world_size, len(val.samples), len(val_loader), val_batch, pre.img_size,
              pre.val_resize, pre.val_img_size, pre.interpolation)
-    return loaders
+    return train_loader, val_loader
