@@ -17,9 +17,12 @@ from timm.optim import create_optimizer_v2
 
 from .config import OptimConfig
 
-# timm's optimizer names: 'sgd' is SGD with Nesterov momentum, 'momentum' plain momentum SGD.
-_TIMM_NAMES = {("sgd", True): "sgd", ("sgd", False): "momentum", ("adamw", True): "adamw",
-               ("adamw", False): "adamw", ("lamb", True): "lamb", ("lamb", False): "lamb"}
+
+def _timm_name(cfg: OptimConfig) -> str:
+    """timm's optimizer name: its 'sgd' is SGD with Nesterov momentum, 'momentum' plain momentum SGD."""
+    if cfg.name == "sgd":
+        return "sgd" if cfg.nesterov else "momentum"
+    return cfg.name
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -40,7 +43,7 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     kwargs = {"betas": tuple(cfg.betas)} if cfg.name in ("adamw", "lamb") else {"momentum": cfg.momentum}
     return create_optimizer_v2(param_groups(model, cfg.weight_decay),
-                               opt=_TIMM_NAMES[(cfg.name, cfg.nesterov)], lr=lr,
+                               opt=_timm_name(cfg), lr=lr,
                                weight_decay=cfg.weight_decay, **kwargs)
 
 
