@@ -365,12 +365,12 @@ class Trainer:
                 self.best = {"top1": top1, "epoch": epoch, "source": source}
         state = self.state(epoch + 1, 0)
         if self.world.is_main:
+            if results is not None:  # first, so that last/best record the top-k with this epoch
+                self.topk.offer(max(r["top1"] for r in results.values()), epoch, state)
+                state["topk"] = self.topk.entries
             ckpt.save_atomic(state, self.out / ckpt.LAST)
             if improved:
                 ckpt.save_atomic(state, self.out / ckpt.BEST)
-            if results is not None:
-                self.topk.offer(max(r["top1"] for r in results.values()), epoch, state)
-                state["topk"] = self.topk.entries
         barrier()
 
 
