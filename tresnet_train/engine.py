@@ -75,18 +75,20 @@ def train_one_epoch(p: StepParts, loader: Iterable, epoch: int, steps: int, star
         global_step = epoch * steps + step
         seed_step(p.seed, p.rank, global_step)
         lr = set_lr(p.optimizer, p.schedule(global_step))
+        step_loss = 0.0  # mean over the micro-batches, stays on the device
         for i, (images, targets) in enumerate(micro_batches):
             images, targets = p.batch_augment(images, targets)
             with (no_sync() if i < len(micro_batches) - 1 else contextlib.nullcontext()):
                 with p.precision.autocast():
-                    loss = p.criterion(p.train_model(images), targets)
-                p.precision.scaler.scale(loss / len(micro_batches)).backward()
+                    loss = p.criterion(p.train_model(images), targets) / len(micro_batches)
+                p.precision.scaler.scale(loss).backward()
+            step_loss = step_loss + loss.detach()
         p.clipper(p.model, p.optimizer, p.precision.scaler)
         p.precision.scaler.step(p.optimizer)
         p.precision.scaler.update()
         p.optimizer.zero_grad(set_to_none=True)
         p.ema.update(p.model, step=global_step)
-        if on_step(step=step, global_step=global_step, loss=loss.detach(), lr=lr,
+        if on_step(step=step, global_step=global_step, loss=step_loss, lr=lr,
                    images=images.shape[0] * len(micro_batches)):
             return
 
