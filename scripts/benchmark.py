@@ -526,7 +526,7 @@ def model_sizes(args) -> list[tuple[str, int]]:
 
 
 def run_micro(args, device: torch.device, report: dict, save) -> None:
-    from tresnet_train.models import UnknownModelError, is_known_model
+    from tresnet_train.models import check_model_name
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as the trainer runs
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -548,8 +548,7 @@ def run_micro(args, device: torch.device, report: dict, save) -> None:
         print(f"bf16 matmul: {run['peak_bf16_matmul']['tflops_median']:.0f} TFLOP/s (median)")
     t_start = time.perf_counter()
     for model_name, size in model_sizes(args):
-        if not is_known_model(model_name):
-            raise UnknownModelError(f"--models: unknown model {model_name!r}")
+        check_model_name(model_name)  # UnknownModelError, with close matches
         flops = forward_flops(model_name, size, args.num_classes, device)
         eager_max = None
         for variant in variants:

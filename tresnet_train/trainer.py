@@ -30,7 +30,7 @@ from .distributed import (World, all_reduce_sum, barrier, broadcast_buffers, cle
 from .engine import NoEMA, StepParts, evaluate, train_one_epoch
 from .logs import MetricsLog, Progress, setup_console
 from .losses import build_batch_augment, build_criterion
-from .models import UnknownModelError, create_model, get_data_config, is_known_model, load_weights
+from .models import UnknownModelError, check_model_name, create_model, get_data_config, load_weights
 from .optim import build_optimizer, build_schedule, scaled_lr
 from .precision import GradClipper, Precision, enable_tf32
 from .sync_norm import convert_sync_norm
@@ -49,11 +49,10 @@ def preflight(cfg: Config) -> list[str] | None:
 
     Raises ConfigError (exit code 2) naming the key; returns the class names of a folder dataset.
     """
-    if not is_known_model(cfg.model.name):
-        try:
-            create_model(cfg.model.name)
-        except UnknownModelError as e:
-            raise ConfigError(f"config key 'model.name': {e}") from None
+    try:
+        check_model_name(cfg.model.name)
+    except UnknownModelError as e:
+        raise ConfigError(f"config key 'model.name': {e}") from None
     if cfg.data.source != "folder":
         return None
     try:

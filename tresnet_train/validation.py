@@ -151,7 +151,7 @@ def resolve(args: argparse.Namespace) -> Plan:
     """Read the checkpoint, check the classes, build the model with its weights (CPU), and settle
     the preprocessing. Identical on every rank, so an error surfaces before any collective."""
     from .data import DataError, index_images
-    from .models import UnknownModelError, create_model, get_data_config, is_known_model
+    from .models import UnknownModelError, check_model_name, create_model, get_data_config
     from .models.checkpoints import (detect_format, select_state_dict, strip_wrapper_prefixes,
                                      to_timm_layout)
 
@@ -164,11 +164,10 @@ def resolve(args: argparse.Namespace) -> Plan:
     if name is None:
         raise ValidationError(f"{args.ckpt} is not a tresnet-train checkpoint (no model name inside): "
                               f"pass --model NAME (e.g. --model tresnet_m, or timm/<name>)")
-    if not is_known_model(name):
-        try:
-            create_model(name)
-        except UnknownModelError as e:
-            raise ValidationError(f"--model: {e}") from None
+    try:
+        check_model_name(name)
+    except UnknownModelError as e:
+        raise ValidationError(f"--model: {e}") from None
 
     # which weights, in timm/our key layout
     if ours:

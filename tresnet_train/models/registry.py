@@ -62,6 +62,12 @@ def is_known_model(name: str) -> bool:
     return name in _REGISTRY
 
 
+def check_model_name(name: str) -> None:
+    """Raise UnknownModelError (with close matches) unless `name` is known; builds nothing."""
+    if not is_known_model(name):
+        raise _unknown(name)
+
+
 def _unknown(name: str) -> UnknownModelError:
     if name.startswith(TIMM_PREFIX):
         import timm
@@ -103,8 +109,7 @@ def create_model(name: str, num_classes: int = 1000, pretrained: str | None = No
 def _create_timm_model(name: str, num_classes: int, norm: str, drop_path_rate: float,
                        **kwargs) -> nn.Module:
     import timm
-    if not is_known_model(name):
-        raise _unknown(name)
+    check_model_name(name)
     if norm not in ("auto", "bn"):
         raise ValueError(f"norm={norm!r}: timm models ({name}) use their own norm layers; "
                          "use norm='auto' or 'bn'")
@@ -134,8 +139,7 @@ def get_data_config(model_or_name: nn.Module | str) -> dict:
     name = model_or_name
     if name.startswith(TIMM_PREFIX):
         import timm
-        if not is_known_model(name):
-            raise _unknown(name)
+        check_model_name(name)
         cfg = timm.models.get_pretrained_cfg(name[len(TIMM_PREFIX):])
         return _timm_data_config(pretrained_cfg=cfg.to_dict())
     if name not in _REGISTRY:
