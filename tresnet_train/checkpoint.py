@@ -73,10 +73,11 @@ def load(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and "
-                              f"plain data, so it may run code when unpickled (weights_only=True "
-                              f"rejected it: {str(e).splitlines()[0]}). Only load checkpoints you "
-                              f"trust, converted to plain state dicts.") from None
+        raise CheckpointError(f"refusing to load {path}: it is not a weights-only file (it holds "
+                              f"objects other than tensors and plain data, so it may run code when "
+                              f"unpickled; weights_only=True rejected it: "
+                              f"{str(e).splitlines()[0]}). Only load checkpoints you trust, "
+                              f"converted to plain state dicts.") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({e})") from None
 

@@ -16,13 +16,13 @@ Wrapper prefixes (`module.` from DDP, `_orig_mod.` from torch.compile) are strip
 from __future__ import annotations
 
 import logging
-import pickle
 import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from tresnet_train import checkpoint
 from tresnet_train.models.layers import binomial_filter_3x3
 
 log = logging.getLogger(__name__)
@@ -42,18 +42,11 @@ _OFFICIAL_BLUR_KEY = re.compile(r"\.op\.filt$")
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """`torch.load(path, map_location="cpu", weights_only=True)`; anything else is a ValueError."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    """`tresnet_train.checkpoint.load` (weights_only=True), its refusals as ValueError; a dict only."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"{path} is not a weights-only PyTorch file, refusing to load it ({first_line}). Only "
-            "tensors and plain containers are accepted, so a file cannot run code when loaded; "
-            "re-save it as a state dict.") from e
+        obj = checkpoint.load(path)
+    except checkpoint.CheckpointError as e:
+        raise ValueError(str(e)) from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint dict")
     return obj
