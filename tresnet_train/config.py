@@ -33,7 +33,7 @@ class ModelConfig:
     drop_path_rate: float = 0.0  # stochastic depth, linearly increasing over blocks
     channels_last: bool = False  # NHWC memory format (measure per model: it can be slower)
     compile: bool = False  # torch.compile the model
-    sync_bn: bool = True  # synchronise batch statistics across GPUs (ignored on one process / CPU)
+    sync_bn: bool = False  # batch statistics over all processes (per process is the published recipes' way)
 
 
 @dataclass
@@ -101,6 +101,7 @@ class RunConfig:
     log_every: int = 20  # steps between progress updates (the only host syncs in the loop)
     tensorboard: bool = True  # write TensorBoard scalars under output_dir/tb
     tf32: bool = True  # allow TF32 matmul/conv on Ampere and newer
+    dist_timeout_min: float = 60.0  # collective timeout, minutes: must cover rank 0 writing checkpoints
 
 
 @dataclass
@@ -125,7 +126,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 # Keys whose value must be > 0 (or >= 0), checked after loading so a typo costs seconds.
 POSITIVE = ("model.num_classes", "data.img_size", "data.batch_size", "optim.lr", "train.epochs",
-            "optim.accum_steps", "train.val_every", "run.log_every", "data.synthetic_size")
+            "optim.accum_steps", "train.val_every", "run.log_every", "data.synthetic_size",
+            "run.dist_timeout_min")
 NON_NEGATIVE = ("data.workers", "data.val_img_size", "data.val_batch_size", "data.crop_pct",
                 "data.random_erasing", "data.mixup", "data.cutmix", "data.repeated_aug",
                 "optim.weight_decay", "optim.momentum", "optim.warmup_epochs", "optim.clip_grad",

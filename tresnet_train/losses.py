@@ -40,7 +40,8 @@ def build_criterion(cfg: Config) -> nn.Module:
 
 def eval_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Summed plain cross-entropy over the real (target >= 0) samples of an eval batch."""
-    return F.cross_entropy(logits.float(), target.clamp(min=0), reduction="none")[target >= 0].sum()
+    per_image = F.cross_entropy(logits.float(), target.clamp(min=0), reduction="none")
+    return torch.where(target >= 0, per_image, 0.0).sum()  # a mask, not an index: no host sync
 
 
 class BatchAugment:

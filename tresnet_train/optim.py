@@ -16,6 +16,7 @@ import torch
 from timm.optim import create_optimizer_v2
 
 from .config import OptimConfig
+from .models.layers import ScaleFloor
 
 
 def _timm_name(cfg: OptimConfig) -> str:
@@ -41,10 +42,15 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """timm's optimizer over `param_groups`; after each step it keeps InPlace-ABN scales >= eps."""
     kwargs = {"betas": tuple(cfg.betas)} if cfg.name in ("adamw", "lamb") else {"momentum": cfg.momentum}
-    return create_optimizer_v2(param_groups(model, cfg.weight_decay),
-                               opt=_timm_name(cfg), lr=lr,
-                               weight_decay=cfg.weight_decay, **kwargs)
+    optimizer = create_optimizer_v2(param_groups(model, cfg.weight_decay),
+                                    opt=_timm_name(cfg), lr=lr,
+                                    weight_decay=cfg.weight_decay, **kwargs)
+    floor = ScaleFloor(model)
+    if floor:
+        optimizer.register_step_post_hook(floor)
+    return optimizer
 
 
 def _cosine(frac: float) -> float:

@@ -209,7 +209,9 @@ def resolve(args: argparse.Namespace) -> Plan:
 
     if ours:
         check_count(cfg.model.num_classes)
-    model = create_model(name, num_classes=len(classes))
+    # BatchNorm whatever the run trained with: checkpoints hold BatchNorm-convention weights, also
+    # from InPlace-ABN runs (models/inplace_abn_norm.py), and evaluation gains nothing from IABN.
+    model = create_model(name, num_classes=len(classes), norm="bn")
     head = _head_key(model)
     if not ours and head in state_dict:  # the classifier's shape: the classes it was trained on
         check_count(state_dict[head].shape[0])
@@ -310,7 +312,7 @@ def report(result: dict) -> str:
 def run(args: argparse.Namespace) -> dict:
     """Validate as the arguments say; returns the result dict (the same on every rank)."""
     plan = resolve(args)  # cheap and identical on every rank: errors surface before any collective
-    world, device = init_distributed(plan.cfg.run.device)
+    world, device = init_distributed(plan.cfg.run.device, plan.cfg.run.dist_timeout_min)
     from .logs import setup_console
     setup_console(world)
     model = plan.model.to(device).eval()
@@ -352,14 +354,16 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # a usage error exits 2 with argparse's message
     from .data import DataError
+    ok = False
     try:
         check_args(args)
         run(args)
+        ok = True
         return EXIT_OK
     except (ValidationError, ckpt.CheckpointError, ConfigError, DataError) as e:
         if world_from_env().is_main:
             print(f"validate.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     finally:
-        cleanup()
+        cleanup(failed=not ok)
 

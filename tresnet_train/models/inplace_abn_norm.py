@@ -1,22 +1,92 @@
 """InPlace-ABN (Rota Bulo et al., CVPR 2018) as a TResNet norm layer; imported only when it is used.
 
-`inplace_abn.InPlaceABN` computes `act((x - mean) / sqrt(var + eps) * (|w| + eps) + b)`: it scales by
-`|w| + eps`, not by `w`. This layer keeps its `weight` in BatchNorm convention (the scale itself) and
-hands `weight - eps` to the kernel, so `|weight - eps| + eps == weight` for every `weight >= eps`. The
-state dict therefore means the same thing as a BatchNorm2d state dict with the same keys: a checkpoint
-trained with InPlace-ABN loads into the BatchNorm model (and into timm) unchanged, and the reverse works
-as long as no scale is negative, which InPlace-ABN cannot represent (loading refuses such weights).
-Official InPlace-ABN checkpoints are converted to this convention (`|w| + eps`) by
-`checkpoints.convert_official_state_dict`; the kernel then sees `|w|`, i.e. exactly the official scale.
+One weight convention end to end: `weight` is the BatchNorm scale itself, in the model, in every
+checkpoint, in the timm export. InPlace-ABN's kernels compute `act(x_hat * (|w| + eps) + b)`: they
+scale by `|w| + eps`, so the layer hands them `w = weight - eps`, whose scale is exactly `weight` as
+long as `weight >= eps`. InPlace-ABN cannot represent a smaller scale (its backward inverts the
+output, which needs a scale > 0), so the layer keeps `weight >= eps` at every point where the weight
+changes: at init (`zero_scale_` gives eps, the scale the official zero init gives too), at load
+(`_load_from_state_dict` raises a scale in [-1e-3, eps) to eps and refuses more negative ones), and
+after every optimizer step (`layers.ScaleFloor`). A checkpoint trained with InPlace-ABN therefore
+gives the same logits loaded with BatchNorm, with InPlace-ABN and in timm.
+
+The autograd function below is inplace_abn's own, with two changes (its C++ kernels are called as
+they are): the statistics of several processes are reduced with torch ops, so sync works on any
+device and backend (the package's reduction is CUDA-only), and the weight gradient's sign flip for
+negative `w` is a `torch.where` (the package's boolean-mask assignment is a host sync per layer and
+step). Under autocast the kernels get fp32 input (their CUDA dispatch has no bf16, the CPU one no
+fp16, and bf16 input with fp32 weights is refused) except fp16 on CUDA, which they support.
 """
 from __future__ import annotations
 
 import torch
-from inplace_abn import InPlaceABN
-from inplace_abn.functions import inplace_abn, inplace_abn_sync
+import torch.distributed as dist
+from inplace_abn import InPlaceABN, _backend
+from inplace_abn.functions import _activation_from_name
+from torch.autograd.function import once_differentiable
 
 # A BatchNorm scale below -tolerance has no InPlace-ABN equivalent (the kernel would use ~ -scale).
 NEGATIVE_SCALE_TOLERANCE = 1e-3
+
+
+def _reduce_statistics(mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor, group):
+    """Per-process (mean, biased var, count) -> the statistics of all processes' samples together.
+
+    One all-gather of [mean, var, count] in float64 (counts of any size stay exact); the combination
+    is the parallel-variance formula of inplace_abn's CUDA `reduce_statistics`.
+    """
+    c = mean.numel()
+    local = torch.cat([mean.double(), var.double(), count.double()])  # (2C + 1,)
+    gathered = local.new_empty(dist.get_world_size(group), local.numel())  # (W, 2C + 1)
+    dist.all_gather(list(gathered.unbind(0)), local, group=group)
+    means, variances, counts = gathered[:, :c], gathered[:, c:2 * c], gathered[:, 2 * c:]  # (W, C), (W, 1)
+    total = counts.sum()
+    all_mean = (counts * means).sum(0) / total
+    all_var = (counts * (variances + (means - all_mean) ** 2)).sum(0) / total
+    return all_mean.to(mean.dtype), all_var.to(var.dtype), total.long().reshape(1)
+
+
+class _InPlaceABNFunction(torch.autograd.Function):
+    """inplace_abn's `InPlaceABN` autograd function (see the module docstring for what differs)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps,
+                activation, activation_param, group):
+        ctx.training, ctx.eps, ctx.group = training, eps, group
+        ctx.activation, ctx.activation_param = _activation_from_name(activation), activation_param
+        if training:
+            mean, var, count = _backend.statistics(x)
+            if group is not None:
+                mean, var, count = _reduce_statistics(mean, var, count, group)
+            if running_mean is not None:
+                n = count.to(var.dtype)
+                running_mean.mul_(1 - momentum).add_(momentum * mean)
+                running_var.mul_(1 - momentum).add_(momentum * var * n / (n - 1))  # unbiased
+        else:
+            mean, var, count = running_mean, running_var, None
+        _backend.forward(x, mean, var, weight, bias, eps, ctx.activation, activation_param)
+        ctx.save_for_backward(x, var, count, weight, bias)
+        ctx.mark_dirty(x)
+        return x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy_act):
+        y_act, var, count, weight, bias = ctx.saved_tensors
+        xhat, dy, sum_dy_local, sum_xhat_dy_local = _backend.backward_reduce(
+            y_act, dy_act, weight, bias, ctx.eps, ctx.activation, ctx.activation_param)
+        sum_dy, sum_xhat_dy = sum_dy_local, sum_xhat_dy_local
+        if ctx.group is not None:
+            sums = torch.stack([sum_dy_local, sum_xhat_dy_local])  # (2, C)
+            dist.all_reduce(sums, group=ctx.group)
+            sum_dy, sum_xhat_dy = sums.unbind(0)
+        if ctx.training:
+            _backend.backward_train(xhat, dy, var, count, sum_dy, sum_xhat_dy, weight, ctx.eps)
+            dx = dy  # backward_train overwrote dy with dx
+        else:
+            dx = _backend.backward_test(dy, var, weight, ctx.eps)
+        dweight = torch.where(weight < 0, -sum_xhat_dy_local, sum_xhat_dy_local)  # d|w|/dw
+        return dx, dweight, sum_dy_local, None, None, None, None, None, None, None, None
 
 
 class InPlaceABNLeaky(InPlaceABN):
@@ -32,22 +102,32 @@ class InPlaceABNLeaky(InPlaceABN):
             activation, param = "leaky_relu", act_slope
         super().__init__(num_features, eps=eps, momentum=momentum, activation=activation,
                          activation_param=param)
-        # Process group for batch statistics across ranks (set by sync_norm.convert_sync_norm).
-        # None computes them per process; the kernel's own default would be None too, silently.
-        self.sync_group = None
+        # Batch statistics over all processes of the default group (sync_norm.convert_sync_norm
+        # sets it). A flag, not a process group: the EMA deep-copies the model, and a group cannot
+        # be copied.
+        self.sync = False
+
+    @property
+    def min_scale(self) -> float:
+        """The smallest scale InPlace-ABN represents: |w| + eps at w = 0."""
+        return self.eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float16 and x.device.type == "cpu":
+        if x.dtype != self.weight.dtype and not (x.dtype == torch.float16 and x.is_cuda):
+            x = x.to(self.weight.dtype)  # autocast: bf16 (or CPU fp16) input, fp32 weights
+        if x.dtype == torch.float16 and not x.is_cuda:
             raise RuntimeError("InPlace-ABN has no float16 kernel on CPU; use bfloat16, float32 or "
                                "norm='bn'")
         momentum, training = self._get_momentum_and_training()
         running_mean, running_var = self._get_running_stats()
-        # The kernel scales by |w| + eps: pass weight - eps so the scale is `weight` (see module doc).
-        args = (x, self.weight - self.eps, self.bias, running_mean, running_var, training, momentum,
-                self.eps, self.activation, self.activation_param)
-        if training and self.sync_group is not None:
-            return inplace_abn_sync(*args, group=self.sync_group)
-        return inplace_abn(*args)
+        if training and x.numel() // x.shape[1] <= 1:
+            raise ValueError(f"InPlace-ABN needs more than one value per channel in training, got "
+                             f"input of shape {tuple(x.shape)}")
+        group = dist.group.WORLD if self.sync and training and dist.is_initialized() else None
+        # The kernel scales by |w| + eps: pass weight - eps so the scale is `weight` (module doc).
+        return _InPlaceABNFunction.apply(x, self.weight - self.eps, self.bias, running_mean,
+                                         running_var, training, momentum, self.eps,
+                                         self.activation, self.activation_param, group)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -60,3 +140,6 @@ class InPlaceABNLeaky(InPlaceABN):
                 "with norm='bn'.")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if weight is not None:
+            with torch.no_grad():
+                self.weight.clamp_(min=self.min_scale)

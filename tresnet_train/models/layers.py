@@ -157,6 +157,42 @@ class ConvNormAct(nn.Module):
         return x
 
 
+def zero_scale_(norm: nn.Module) -> None:
+    """Zero-init a norm's scale (a residual branch starts as the identity): 0 for BatchNorm, the
+    smallest scale the layer can represent for InPlace-ABN (`min_scale`, eps; the official init
+    gives InPlace-ABN the same scale, |0| + eps)."""
+    nn.init.constant_(norm.weight, getattr(norm, "min_scale", 0.0))
+
+
+def inplace_abn_layers(model: nn.Module) -> list[nn.Module]:
+    """Our InPlace-ABN layers (`InPlaceABNLeaky`, the norms with a `min_scale`), found without
+    importing inplace_abn."""
+    return [m for m in model.modules() if hasattr(m, "min_scale")]
+
+
+class ScaleFloor:
+    """Keeps every InPlace-ABN scale at or above its `min_scale` (eps) after each optimizer step.
+
+    InPlace-ABN cannot represent a smaller scale, so the weights a step leaves below it are raised to
+    it: the checkpointed weight is then always the scale the layer applied, and BatchNorm or timm
+    reproduce it (see inplace_abn_norm.py). Register with `optimizer.register_step_post_hook`; a
+    model without InPlace-ABN layers gets no hook.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.groups: dict[float, list[torch.Tensor]] = {}  # floor -> the weights it applies to
+        for m in inplace_abn_layers(model):
+            self.groups.setdefault(m.min_scale, []).append(m.weight)
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+    @torch.no_grad()
+    def __call__(self, *hook_args) -> None:
+        for floor, weights in self.groups.items():
+            torch._foreach_clamp_min_(weights, floor)  # one fused launch per floor, no host sync
+
+
 def init_non_persistent_buffers(model: nn.Module) -> nn.Module:
     """Refill constant buffers that are not in the state dict (after `to_empty()` from meta)."""
     for m in model.modules():

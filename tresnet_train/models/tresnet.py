@@ -21,7 +21,7 @@ from torch import nn
 
 from tresnet_train.models.layers import (BlurPool2d, ConvNormAct, DropPath, FastGlobalAvgPool,
                                          SpaceToDepth, SqueezeExcite, drop_path_rates,
-                                         resolve_norm_layer)
+                                         resolve_norm_layer, zero_scale_)
 from tresnet_train.models.registry import TRESNET_DATA_CONFIG, register_model
 
 STEM_SLOPE = 1e-2  # LeakyReLU slope of the stem conv (official: InPlaceABN default activation_param)
@@ -42,7 +42,7 @@ class BasicBlock(nn.Module):
         self.act = nn.ReLU(inplace=True)
 
     def zero_init_last(self) -> None:
-        nn.init.zeros_(self.conv2.bn.weight)
+        zero_scale_(self.conv2.bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -67,7 +67,7 @@ class Bottleneck(nn.Module):
         self.act = nn.ReLU(inplace=True)
 
     def zero_init_last(self) -> None:
-        nn.init.zeros_(self.conv3.bn.weight)
+        zero_scale_(self.conv3.bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
