@@ -1,0 +1,59 @@
+"""The GPU user's path on a CUDA device: steps between log points never wait for the host, and
+InPlace-ABN trains and evaluates under bf16 autocast. Skipped without CUDA (the CPU versions of these
+checks are in test_inplace_abn.py and test_sync_norm.py)."""
+import pytest
+import torch
+
+from tresnet_train.config import OptimConfig
+from tresnet_train.engine import NoEMA, StepParts, train_one_epoch
+from tresnet_train.losses import BatchAugment, CrossEntropy
+from tresnet_train.models import create_model
+from tresnet_train.models.layers import inplace_abn_available
+from tresnet_train.optim import build_optimizer, build_schedule
+from tresnet_train.precision import GradClipper, Precision
+from tresnet_train.trainer import _StepMeter
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_steps_between_log_points_never_sync_with_the_host():
+    from timm.utils import ModelEmaV3
+    device = torch.device("cuda", 0)
+    torch.manual_seed(0)
+    model = create_model("tresnet_tiny", norm="auto", num_classes=10).to(device)
+    optimizer = build_optimizer(model, OptimConfig(lr=0.1), 0.1)
+    steps = 6
+    parts = StepParts(model=model, train_model=model, optimizer=optimizer,
+                      schedule=build_schedule(OptimConfig(lr=0.1), 0.1, steps, 1),
+                      criterion=CrossEntropy(0.1), batch_augment=BatchAugment(None, None),
+                      precision=Precision("auto", device), clipper=GradClipper(0.0),
+                      ema=ModelEmaV3(model, decay=0.9), accum_steps=1, seed=0, rank=0)
+    batches = [(torch.rand(16, 3, 64, 64, device=device),
+                torch.randint(0, 10, (16,), device=device)) for _ in range(steps)]
+    meter = _StepMeter(device, 0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        train_one_epoch(parts, batches, 0, steps, 0,
+                        lambda step, global_step, loss, lr, images: meter.add(loss, images))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    mean_loss, nonfinite, _ = meter.reduce(False)  # the log point: the one host sync
+    assert meter.steps == steps and not nonfinite and mean_loss > 0
+
+
+@pytest.mark.skipif(not inplace_abn_available(), reason="inplace_abn is not installed")
+@pytest.mark.parametrize("train_mode", [True, False], ids=["train", "eval"])
+def test_inplace_abn_under_bf16_autocast_on_cuda(train_mode):
+    device = torch.device("cuda", 0)
+    iabn = create_model("tresnet_tiny", norm="iabn").to(device).train(train_mode)
+    bn = create_model("tresnet_tiny", norm="bn").to(device).train(train_mode)
+    bn.load_state_dict(iabn.state_dict())
+    x = torch.rand(8, 3, 64, 64, device=device)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, ref = iabn(x), bn(x)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0.05, atol=0.05)
+    if train_mode:
+        out.float().square().mean().backward()
+        assert all(torch.isfinite(p.grad).all() for p in iabn.parameters())
