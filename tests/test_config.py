@@ -38,6 +38,7 @@ def test_base_chain_merges_and_child_wins(tmp_path):
     ("optim.lr=-0.1", "'optim.lr': must be > 0"),
     ("data.batch_size=0", "'data.batch_size': must be > 0"),
     ("data.batch_size=1.5", "'data.batch_size': expected int"),
+    ("run.dist_timeout_min=0", "'run.dist_timeout_min': must be > 0"),
     ("data.backend=fast", "'data.backend': invalid value 'fast' (valid: auto, dali, torch)"),
     ("train.ema=maybe", "'train.ema': expected bool"),
     ("optim=3", "'optim': expected a mapping"),
@@ -89,3 +90,13 @@ def test_cli_exits_2_fast_on_bad_config(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("config error: unknown config key 'optim.lrr'")
     assert time.perf_counter() - t0 < 10
+
+
+def test_exponent_without_a_dot_is_a_float_in_files_and_overrides(tmp_path):
+    """YAML 1.1 (PyYAML) reads `5e-5` as a string; configs read it as the float a user means."""
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  weight_decay: 5e-5\n  lr: 1E-1\ndata:\n  root: /data\n")
+    cfg = load_config(path)
+    assert cfg.optim.weight_decay == 5e-5 and cfg.optim.lr == 0.1
+    assert load_config(path, ["optim.weight_decay=2e-5"]).optim.weight_decay == 2e-5
+    assert load_config(path, ["run.output_dir=1e5x"]).run.output_dir == "1e5x"  # not a number

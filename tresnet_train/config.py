@@ -3,13 +3,15 @@
 Defaults live here with a one-line comment each (units included). Loading is strict: an unknown key,
 a wrong type, an invalid choice or a bad value raises `ConfigError` naming the key and what is valid,
 and the entry points turn that into exit code 2 before any data or GPU work. YAML is read with
-`yaml.safe_load`, so a `!!python/object` tag is refused. A config may extend another with
+a safe loader, so a `!!python/object` tag is refused; numbers like `5e-5` are floats (YAML 1.2),
+not the strings YAML 1.1 makes of them. A config may extend another with
 `base: other.yaml` (resolved relative to the file that names it; cycles are an error).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads `5e-5`, `1E4` (no dot) as floats, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _safe_load(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ConfigError(ValueError):
@@ -207,7 +222,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid (safe) YAML: {e}") from None
     if not isinstance(data, dict):
@@ -233,7 +248,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"override '{text}' is not of the form section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override '{text}': value is not valid YAML: {e}") from None
     return key.strip(), value

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .dali_backend import DaliTrainLoader, DaliValLoader, dali_available
+from .dali_backend import (DaliTrainLoader, DaliValLoader, dali_available,
+                           describe_preallocation)
 from .digits import build_digits
 from .folder import DataError, index_split
 from .plan import TrainPlan, ValPlan
@@ -89,9 +90,14 @@ def build_loaders(cfg, data_config: dict, world, device: torch.device):
     else:
         train_loader = TorchTrainLoader(train, train_plan, pre, device, d.workers, d.strict)
     val_loader = build_val_loader(val, d, pre, backend, world, device)
+    memory = ""
+    if backend == "dali":  # nvJPEG's buffers live outside PyTorch's allocator: say how much
+        memory = " | DALI preallocates per rank: " + describe_preallocation(
+            train_loader.threads, train_loader.padding, val_loader.padding)
     log.info("data: %s backend on %s | %d classes | train %d images, %d steps of %d per rank x %d "
-             "rank(s) | val %d images, %d steps of %d | train crop %d, eval resize %d crop %d (%s)",
+             "rank(s) | val %d images, %d steps of %d | train crop %d, eval resize %d crop %d "
+             "(%s)%s",
              backend, device, len(train.classes), len(train.samples), train_plan.steps, d.batch_size,
              world.world_size, len(val.samples), len(val_loader), val_batch, pre.img_size,
-             pre.val_resize, pre.val_img_size, pre.interpolation)
+             pre.val_resize, pre.val_img_size, pre.interpolation, memory)
     return train_loader, val_loader
