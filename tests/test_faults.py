@@ -3,6 +3,7 @@ files, fp16 overflow, a failing rank. Each must lose nothing and say clearly wha
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pickle
 import signal
@@ -13,8 +14,9 @@ import time
 import pytest
 import torch
 
-from trainer_helpers import (ROOT, assert_same_weights, env, load, start_train, tiny_overrides,
-                             train, wait_for_step)
+from data_helpers import real_photos
+from trainer_helpers import (ROOT, assert_same_weights, env, kill_run, load, start_train,
+                             tiny_overrides, train, wait_for_step)
 from tresnet_train import checkpoint
 
 
@@ -105,14 +107,12 @@ def test_crafted_pickle_is_refused_and_never_runs(tmp_path):
     (["data.batch_size=-8"], "config key 'data.batch_size': must be > 0"),
     (["data.source=folder", "data.root=/nonexistent/imagenet"], "config key 'data.root'"),
     (["model.name=tresnet_mm"], "Did you mean 'tresnet_m'"),
-    (["data.source=folder", "data.root=SHARED_MINI", "model.num_classes=1000"],
+    (["data.source=folder", "data.root=REAL_MINI", "model.num_classes=1000"],
      "model.num_classes' is 1000 but"),
 ])
 def test_bad_configs_fail_fast_with_exit_2(tmp_path, overrides, needle):
-    mini = ROOT.parent / "shared" / "data" / "imagenette-mini-96"
-    if any("SHARED_MINI" in o for o in overrides) and not mini.is_dir():
-        pytest.skip("../shared/data/imagenette-mini-96 is absent")
-    overrides = [o.replace("SHARED_MINI", str(mini)) for o in overrides]
+    if any("REAL_MINI" in o for o in overrides):
+        overrides = [o.replace("REAL_MINI", str(real_photos("imagenette-mini-96"))) for o in overrides]
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "train.py", "--config", "configs/demo.yaml",
                            f"run.output_dir={tmp_path / 'run'}", *overrides], cwd=ROOT, env=env(),
@@ -149,6 +149,36 @@ def test_fp16_overflow_is_absorbed_by_the_scaler(tmp_path, digits):
     assert scaler.get_scale() < 2.0 ** 100  # overflowing steps were skipped and the scale backed off
     final = load(tmp_path / "run" / "last.pth")
     assert all(torch.isfinite(t).all() for t in final["model"].values() if t.is_floating_point())
+
+
+@pytest.mark.slow
+def test_ranks_resume_together_from_rank_0s_choice(tmp_path, digits):
+    """Rank 1 cannot read the newest checkpoint: it still resumes where rank 0 does, or fails loudly."""
+    out = tmp_path / "run"
+    overrides = tiny_overrides(out, digits, **{"run.ckpt_every_steps": 1})
+    running = start_train(overrides, nproc=2)
+    wait_for_step(out / "last.pth", 8, running)
+    kill_run(running)
+    newest = load(out / "last.pth")["global_step"]
+    assert newest > load(out / "best.pth")["global_step"] == 6  # an older file to fall back to
+
+    def resume(mode):
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "tests/unreadable_newest_train.py", mode, "--config", "configs/demo.yaml", *overrides],
+            cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
+
+    unreadable = resume("load")  # rank 1 cannot load the file rank 0 chose: an error, no fallback
+    assert unreadable.returncode != 0
+    assert f"rank 1 cannot read {out / 'last.pth'}" in unreadable.stdout + unreadable.stderr
+    assert load(out / "last.pth")["global_step"] == newest
+
+    resumed = resume("check")  # rank 1's own check would have skipped last.pth
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    lines = sorted(line for line in resumed.stdout.splitlines() if "resumed at global step" in line)
+    assert lines == [f"rank {r} resumed at global step {newest}" for r in (0, 1)], resumed.stdout
+    prints = json.loads((out / "summary.json").read_text())["weights_sha256_per_rank"]
+    assert len(prints) == 2 and prints[0] == prints[1]
 
 
 def test_a_failing_rank_ends_the_job_with_its_error(tmp_path, digits):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tresnet_train.config import OptimConfig
+from tresnet_train.data.dali_backend import dali_available
 from tresnet_train.engine import NoEMA, StepParts, train_one_epoch
 from tresnet_train.losses import BatchAugment, CrossEntropy
 from tresnet_train.models import create_model
@@ -57,3 +58,30 @@ def test_inplace_abn_under_bf16_autocast_on_cuda(train_mode):
     if train_mode:
         out.float().square().mean().backward()
         assert all(torch.isfinite(p.grad).all() for p in iabn.parameters())
+
+
+@pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
+def test_dali_mixed_decoding_resumes_mid_epoch_on_the_gpu(tmp_path, digits):
+    """The GPU defaults end to end in one process: DALI `mixed` decoding, InPlace-ABN when installed,
+    bf16 autocast, EMA; SIGTERM after a mid-epoch checkpoint, then a resume that restores DALI's own
+    pipeline checkpoint and finishes."""
+    import os
+    import signal
+
+    from tests.trainer_helpers import load, start_train, tiny_overrides, train, wait_for_step
+    out = tmp_path / "run"
+    overrides = tiny_overrides(out, digits, **{
+        "run.device": "cuda", "data.backend": "dali", "model.norm": "auto", "train.amp": "auto",
+        "data.img_size": 64, "run.ckpt_every_steps": 2})
+    proc = start_train(overrides)
+    wait_for_step(out / "last.pth", 2, proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 75, proc.stdout.read()
+    stopped = load(out / "last.pth")
+    mid_epoch = stopped["step_in_epoch"] > 0
+    assert not mid_epoch or stopped["loader"][0].get("dali") is not None  # DALI's own checkpoint
+    resumed = train(overrides)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"step {stopped['step_in_epoch']}" in resumed.stdout
+    assert "no pipeline checkpoint" not in resumed.stdout + resumed.stderr
+    assert load(out / "last.pth")["global_step"] == 12

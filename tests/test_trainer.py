@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
-from trainer_helpers import (ROOT, SHARED_DATA, assert_same_weights, env, load, start_train,
-                             tiny_overrides, train, wait_for_step)
+from data_helpers import real_photos
+from trainer_helpers import (ROOT, assert_same_weights, env, kill_run, load,
+                             start_train, tiny_overrides, train, wait_for_step)
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +115,11 @@ def test_two_processes_match_and_resume_exactly(tmp_path, digits):
     out = tmp_path / "killed"
     running = start_train(tiny_overrides(out, digits) + check, nproc=2)
     wait_for_step(out / "last.pth", 7, running)
-    os.killpg(running.pid, signal.SIGKILL)
-    running.wait()
+    kill_run(running)
+    killed_at = load(out / "last.pth")["global_step"]
     resumed = train(tiny_overrides(out, digits) + check, nproc=2)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"at epoch 2, step {killed_at - 6}" in resumed.stdout  # resumed mid-epoch, not finished
     assert_same_weights(load(out / "last.pth"), load(ref / "last.pth"))
 
 
@@ -141,12 +143,10 @@ def test_validation_counts_each_image_once_with_two_processes(tmp_path, digits, 
     assert one["loss"] == pytest.approx(two["loss"], rel=1e-6)  # float32 sums in another order
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "imagenette-mini-96").is_dir(),
-                    reason="../shared/data/imagenette-mini-96 (real ImageNet photos) is absent")
 def test_real_photos_loss_falls_and_top1_beats_chance(tmp_path):
     out = tmp_path / "run"
     proc = train(["model.name=tresnet_tiny", "model.num_classes=10", "data.source=folder",
-                  f"data.root={SHARED_DATA / 'imagenette-mini-96'}", "data.backend=torch",
+                  f"data.root={real_photos('imagenette-mini-96')}", "data.backend=torch",
                   "data.img_size=64", "data.batch_size=25", "data.workers=2", "data.hflip=0.5",
                   "data.scale=[0.35,1.0]", "train.epochs=6", "optim.lr=0.2",
                   "optim.schedule=onecycle", "train.ema=false", f"run.output_dir={out}",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -10,7 +11,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 def tiny_overrides(out: Path, digits_root: Path, **extra) -> list[str]:
@@ -50,6 +50,20 @@ def train(overrides: list[str], nproc: int = 1, timeout: float = 240, **kw) -> s
 def start_train(overrides: list[str], nproc: int = 1) -> subprocess.Popen:
     return subprocess.Popen(_command(overrides, nproc), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def kill_run(proc: subprocess.Popen) -> None:
+    """SIGKILL a run from `start_train`, torchrun's workers included.
+
+    torchrun starts each worker in a session of its own, so killing the launcher's process group
+    alone leaves the workers training (and writing checkpoints) on their own.
+    """
+    workers = [int(pid) for task in Path(f"/proc/{proc.pid}/task").iterdir()
+               for pid in (task / "children").read_text().split()]
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def wait_for_step(path: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:

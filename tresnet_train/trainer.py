@@ -25,8 +25,8 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_yaml, to_dict
 from .data import DataError, build_loaders, scan_image_folder
-from .distributed import (World, all_reduce_sum, barrier, broadcast_buffers, cleanup, gather_objects,
-                          init_distributed)
+from .distributed import (World, all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup,
+                          gather_objects, init_distributed)
 from .engine import NoEMA, StepParts, evaluate, train_one_epoch
 from .logs import MetricsLog, Progress, setup_console
 from .losses import build_batch_augment, build_criterion
@@ -100,28 +100,38 @@ def wrap_model(model: nn.Module, cfg: Config, world: World,
         model = convert_sync_norm(model, device)
     train_model = model
     if world.distributed:
+        # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets (no copy, less memory)
         train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True)
     if cfg.model.compile:
         train_model = torch.compile(train_model)
     return model, train_model
 
 
-def rng_states() -> dict:
-    """This process's RNG states as plain data (weights_only-safe), for the record and the restore."""
+def rng_states(device: torch.device) -> dict:
+    """This process's RNG states as plain data (weights_only-safe), for the record and the restore.
+
+    CUDA: this process's GPU only (None on CPU). Saving every visible GPU's state made a resume with
+    fewer visible GPUs fail; the step loop reseeds every stream from (seed, rank, step) anyway.
+    """
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def restore_rng(state: dict) -> None:
+def restore_rng(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if isinstance(cuda, list):  # older checkpoints: every visible GPU's state, [] on CPU
+        index = device.index or 0
+        cuda = cuda[index] if index < len(cuda) else cuda[0] if cuda else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -138,7 +148,7 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.world, self.device = init_distributed(cfg.run.device)
+        self.world, self.device = init_distributed(cfg.run.device, cfg.run.dist_timeout_min)
         setup_console(self.world)
         self.out = Path(cfg.run.output_dir)
         if self.world.is_main:
@@ -187,7 +197,8 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------
     def state(self, epoch: int, step: int) -> dict:
         """Everything needed to continue exactly at optimizer step `step` of `epoch` (collective)."""
-        per_rank = gather_objects({"loader": self.train_loader.state_dict(), "rng": rng_states()})
+        per_rank = gather_objects({"loader": self.train_loader.state_dict(),
+                                   "rng": rng_states(self.device)})
         return {
             "model": self.model.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema.module is not None else None,
@@ -209,17 +220,33 @@ class Trainer:
             ckpt.save_atomic(state, self.out / name)
         barrier()
 
+    def resume_path(self) -> str | None:
+        """The checkpoint to resume from (None: a fresh run), as chosen by rank 0 (collective).
+
+        One choice for all: a rank choosing alone, after a transient read error on its node, would
+        take an older file and resume at another step (a hang or silent divergence).
+        """
+        resume = self.cfg.run.resume
+        choice = None
+        if self.world.is_main and resume != "none":
+            found = ckpt.find_resume(self.out) if resume == "auto" else resume
+            choice = None if found is None else str(found)
+        return broadcast_object(choice)
+
     def resume(self) -> None:
         cfg = self.cfg
-        path = (ckpt.find_resume(self.out) if cfg.run.resume == "auto"
-                else None if cfg.run.resume == "none" else Path(cfg.run.resume))
+        path = self.resume_path()
         if path is None:
             log.info("starting a fresh run in %s", self.out)
             return
         if cfg.model.init_from:
             log.info("run folder %s has a checkpoint: resuming from it; model.init_from applies to "
                      "fresh runs only", self.out)
-        state = ckpt.load(path)
+        try:
+            state = ckpt.load(path, mmap=True)  # each tensor read once, as it is copied in
+        except ckpt.CheckpointError as e:
+            raise ckpt.CheckpointError(f"rank {self.world.rank} cannot read {path}, the checkpoint "
+                                       f"rank 0 chose to resume from: {e}") from None
         self.model.load_state_dict(state["model"])
         if state.get("ema") is not None and self.ema.module is not None:
             self.ema.module.load_state_dict(state["ema"])
@@ -234,7 +261,7 @@ class Trainer:
         self.last_val = state.get("val", {})
         if state["world_size"] == self.world.world_size:
             self.train_loader.load_state_dict(state["loader"][self.world.rank])
-            restore_rng(state["rng"][self.world.rank])
+            restore_rng(state["rng"][self.world.rank], self.device)
         else:
             log.warning("resuming with world size %d from a %d-process checkpoint: the data order "
                         "of the current epoch restarts from the saved step with a new sharding",
@@ -288,10 +315,10 @@ class Trainer:
         cfg, world = self.cfg, self.world
         self.train_loader.set_epoch(epoch, start_step * cfg.optim.accum_steps)
         progress = Progress(world.is_main, epoch, cfg.train.epochs, self.steps, start_step)
-        meter = _StepMeter(self.device)
+        meter = _StepMeter(self.device, epoch * self.steps + start_step)
 
         def on_step(step, global_step, loss, lr, images) -> bool:
-            meter.add(loss, global_step, images)
+            meter.add(loss, images)
             last_step = step + 1 == self.steps
             ckpt_due = bool(cfg.run.ckpt_every_steps) and (global_step + 1) % cfg.run.ckpt_every_steps == 0
             log_due = (step + 1) % cfg.run.log_every == 0 or last_step
@@ -309,7 +336,7 @@ class Trainer:
                 progress.update(step, mean_loss, lr, img_s)
                 self.metrics.write("train", global_step, **{
                     "train/loss": mean_loss, "train/lr": lr, "train/img_per_s": img_s})
-                meter.reset()
+                meter.reset(global_step + 1)
             if (signalled or ckpt_due) and not last_step:
                 self.save(epoch, step + 1)
             return signalled and not last_step
@@ -353,8 +380,12 @@ class Trainer:
         return results
 
     def end_of_epoch_checkpoints(self, epoch: int, results: dict | None) -> None:
-        """last.pth always; best.pth and top-k when validation ran. One state, written atomically."""
-        improved = False
+        """last.pth always; best.pth and top-k when validation ran.
+
+        One state, written once (atomically) as last.pth; best.pth and the top-k file are hard
+        links to it. The other ranks wait in a host-side (gloo) barrier meanwhile.
+        """
+        improved = in_top = False
         if results is not None:
             source = max(results, key=lambda k: results[k]["top1"])
             top1 = results[source]["top1"]
@@ -362,33 +393,41 @@ class Trainer:
             improved = top1 > self.best["top1"]
             if improved:
                 self.best = {"top1": top1, "epoch": epoch, "source": source}
-        state = self.state(epoch + 1, 0)
+            in_top = self.world.is_main and self.topk.admit(top1, epoch)
+        state = self.state(epoch + 1, 0)  # records the top-k with this epoch
         if self.world.is_main:
-            if results is not None:  # first, so that last/best record the top-k with this epoch
-                self.topk.offer(max(r["top1"] for r in results.values()), epoch, state)
-                state["topk"] = self.topk.entries
-            ckpt.save_atomic(state, self.out / ckpt.LAST)
+            last = self.out / ckpt.LAST
+            ckpt.save_atomic(state, last)
+            if in_top:
+                self.topk.keep(epoch, last)
             if improved:
-                ckpt.save_atomic(state, self.out / ckpt.BEST)
+                ckpt.link_atomic(last, self.out / ckpt.BEST)
         barrier()
 
 
 class _StepMeter:
-    """Per-step loss and throughput kept on the device; read only at log points."""
+    """Per-step loss and throughput kept on the device; read only at log points.
 
-    def __init__(self, device: torch.device):
+    Adding a step launches device ops only (no host-to-device copy, no sync): the step number lives
+    on the device too, counted up from the one given at `reset`.
+    """
+
+    def __init__(self, device: torch.device, global_step: int):
         self.device = device
         self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        self.reset()
+        self.reset(global_step)
 
-    def reset(self) -> None:
+    def reset(self, global_step: int) -> None:
+        """Start a new log interval whose first step is `global_step`."""
         self.loss_sum = torch.zeros((), device=self.device)
+        self.next_step = torch.full((), global_step, dtype=torch.long, device=self.device)
         self.steps, self.images, self.t0 = 0, 0, time.perf_counter()
 
-    def add(self, loss: torch.Tensor, global_step: int, images: int) -> None:
+    def add(self, loss: torch.Tensor, images: int) -> None:
         self.loss_sum = self.loss_sum + loss.float()
-        self.bad_step = torch.where(~torch.isfinite(loss) & (self.bad_step < 0),
-                                    torch.tensor(global_step, device=self.device), self.bad_step)
+        self.bad_step = torch.where(~torch.isfinite(loss) & (self.bad_step < 0), self.next_step,
+                                    self.bad_step)
+        self.next_step = self.next_step + 1
         self.steps += 1
         self.images += images
 
@@ -410,14 +449,16 @@ class _StepMeter:
 
 def run(cfg: Config) -> int:
     """Train as configured (after `preflight`); returns the process exit code."""
-    trainer = None
+    trainer, ok = None, False
     try:
         trainer = Trainer(cfg)
-        return trainer.fit()
+        code = trainer.fit()
+        ok = True
+        return code
     except NonFiniteLoss as e:
         log.error("%s", e)
         return EXIT_FAILED
     finally:
         if trainer is not None:
             trainer.metrics.close()
-        cleanup()
+        cleanup(failed=not ok)
