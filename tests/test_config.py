@@ -1,7 +1,6 @@
 """The config contract: strict keys and types, bases, overrides, clear exit-2 errors in seconds."""
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -83,13 +82,13 @@ def test_every_shipped_config_loads(config, tmp_path):
     assert cfg.model.name
 
 
-def test_cli_exits_2_fast_on_bad_config(tmp_path):
-    t0 = time.perf_counter()
+def test_cli_exits_2_on_bad_config_before_building_anything(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", "--config", "configs/demo.yaml",
-                           "optim.lrr=1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+                           "optim.lrr=1", f"run.output_dir={tmp_path / 'run'}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)  # a hang guard, not a pace
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("config error: unknown config key 'optim.lrr'")
-    assert time.perf_counter() - t0 < 10
+    assert not (tmp_path / "run").exists()
 
 
 def test_exponent_without_a_dot_is_a_float_in_files_and_overrides(tmp_path):

@@ -6,7 +6,7 @@ import torch
 
 from tresnet_train.config import OptimConfig
 from tresnet_train.data.dali_backend import dali_available
-from tresnet_train.engine import NoEMA, StepParts, train_one_epoch
+from tresnet_train.engine import StepParts, train_one_epoch
 from tresnet_train.losses import BatchAugment, CrossEntropy
 from tresnet_train.models import create_model
 from tresnet_train.models.layers import inplace_abn_available
