@@ -1,7 +1,7 @@
 """Data pipeline contracts, for the torch and the DALI backend (DALI tests skip where it is absent).
 
 Folder checks and bad files, label order and eval preprocessing agreement between backends (real
-photos from ../shared/data), sharding with 2 processes, exact mid-epoch resume, digits and synthetic
+photos from $TRESNET_DATA), sharding with 2 processes, exact mid-epoch resume, digits and synthetic
 sources. All on CPU; GPU variants are marked `gpu`.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from data_helpers import (REPO, make_id_folder, make_odd_folder, make_photo_folder, photo,
-                          shared_dataset)
+                          real_photos)
 from tresnet_train.config import Config
 from tresnet_train.data import (DataError, build_loaders, check_image, index_split,
                                 scan_image_folder)
@@ -171,10 +171,7 @@ def test_torch_loader_skips_a_file_that_breaks_after_indexing(tmp_path, caplog):
 # ---- both backends agree ----------------------------------------------------------------------------
 def _real_photo_folder(tmp_path) -> Path:
     """Real photos (imagenette-mini-96 val, 2 classes) plus non-square resized copies of them."""
-    src = shared_dataset("imagenette-mini-96")
-    if src is None:
-        pytest.skip("real photos not found at ../shared/data/imagenette-mini-96 (the project's shared "
-                    "data folder); this test compares the backends on real images")
+    src = real_photos("imagenette-mini-96")  # this test compares the backends on real images
     root = tmp_path / "photos"
     for split in ("train", "val"):
         for cls in sorted(p.name for p in (src / "val").iterdir())[:2]:
@@ -266,7 +263,7 @@ def _launch(root: Path, backend: str, out: Path) -> list[dict]:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "tests" / "data_helpers.py"), str(root), backend, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 

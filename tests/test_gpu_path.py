@@ -76,7 +76,7 @@ def test_dali_mixed_decoding_resumes_mid_epoch_on_the_gpu(tmp_path, digits):
     proc = start_train(overrides)
     wait_for_step(out / "last.pth", 2, proc)
     os.kill(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=120) == 75, proc.stdout.read()
+    assert proc.wait(timeout=900) == 75, proc.stdout.read()
     stopped = load(out / "last.pth")
     mid_epoch = stopped["step_in_epoch"] > 0
     assert not mid_epoch or stopped["loader"][0].get("dali") is not None  # DALI's own checkpoint

@@ -109,7 +109,7 @@ def _val_top1(ckpt, digits, tmp_path) -> float:
     out = tmp_path / "val.json"
     proc = subprocess.run([sys.executable, "validate.py", "--ckpt", str(ckpt), "--data", str(digits),
                            "--no-ema", "--workers", "0", "--json", str(out)], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     return json.loads(out.read_text())["top1"]
 

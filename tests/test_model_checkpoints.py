@@ -234,6 +234,34 @@ def test_convert_checkpoint_script_official_to_timm(tmp_path):
     assert all(torch.equal(converted[k], v) for k, v in expected.items())
 
 
+def test_convert_script_prints_the_timm_call_and_the_validation_input(tmp_path):
+    """Our 10-class checkpoint trained at 128 px: the printed call loads it (a bare
+    `timm.create_model("tresnet_m")` would not), and the input it was validated at is stated."""
+    from tresnet_train.config import Config, to_dict
+
+    cfg = Config()
+    cfg.model.name, cfg.model.num_classes = "tresnet_m", 10
+    cfg.data.img_size, cfg.data.crop_pct = 128, 1.0
+    model = create_model("tresnet_m", num_classes=10, norm="bn")
+    data_config = {"input_size": [3, 224, 224], "crop_pct": 0.875, "interpolation": "bilinear",
+                   "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+    src, dst = tmp_path / "last.pth", tmp_path / "timm.pth"
+    torch.save({"model": model.state_dict(), "ema": None, "config": to_dict(cfg),
+                "model_name": "tresnet_m", "data_config": data_config}, src)
+    proc = subprocess.run([sys.executable, "scripts/convert_checkpoint.py", str(src), str(dst)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert f"  model = timm.create_model('tresnet_m', num_classes=10)" in lines, proc.stdout
+    code = "\n".join(line.strip() for line in lines if line.startswith("  model"))
+    scope = {"timm": timm, "torch": torch}
+    exec(code, scope)  # the two printed lines, as a user would paste them
+    assert all(torch.equal(scope["model"].state_dict()[k], v) for k, v in model.state_dict().items())
+    assert ("validate at: 128 px (crop_pct 1: resize the short side to 128, center crop 128), "
+            "bilinear, mean (0.0, 0.0, 0.0) std (1.0, 1.0, 1.0) on RGB in [0, 1]") in lines, proc.stdout
+    assert f"--img-size 128 --crop-pct 1" in proc.stdout
+
+
 # --- weights-only loading ------------------------------------------------------------------------
 
 class _Exploit:

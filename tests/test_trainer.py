@@ -69,7 +69,7 @@ def test_signal_checkpoints_and_exits_75_then_resumes(tmp_path, digits, referenc
     proc = start_train(overrides)
     wait_for_step(out / "last.pth", 3, proc)
     os.kill(proc.pid, sig)
-    assert proc.wait(timeout=60) == 75, proc.stdout.read()
+    assert proc.wait(timeout=900) == 75, proc.stdout.read()
     assert "resume with run.resume=auto" in proc.stdout.read()
     resumed = train(overrides)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -134,7 +134,7 @@ def test_validation_counts_each_image_once_with_two_processes(tmp_path, digits, 
                 f"--nproc_per_node={nproc}"])
         proc = subprocess.run(cmd + [str(script), str(ref_out / "last.pth"), str(digits),
                                      str(tmp_path / f"eval{nproc}.json")],
-                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
+                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         results[nproc] = json.loads((tmp_path / f"eval{nproc}.json").read_text())
     assert results[1]["num_images"] % 2 == 1  # odd: a padded duplicate would show

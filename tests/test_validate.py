@@ -136,7 +136,7 @@ def test_torchrun_two_processes_count_each_image_once(tmp_path, trained, digits)
                       "--backend", "torch", "--workers", "0", "--batch-size", "16",
                       "--json", str(tmp_path / f"{nproc}.json"),
                       "--predictions", str(tmp_path / f"{nproc}.csv")],
-            cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
+            cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert len(re.findall(r"^top-1 ", proc.stdout, re.M)) == 1  # the table, from rank 0 only
         results[nproc] = json.loads((tmp_path / f"{nproc}.json").read_text())
@@ -288,7 +288,7 @@ def test_fine_tune_at_twice_the_resolution_then_validate_there(tmp_path, trained
         "train.amp": "none", "model.drop_path_rate": 0.0, "optim.warmup_epochs": 0.2})
     proc = subprocess.run([sys.executable, "train.py", "--config", "configs/tresnet_m_448.yaml",
                            *overrides], cwd=ROOT, env=env(), capture_output=True, text=True,
-                          timeout=240)
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "initialised weights from" in proc.stdout and "starting a fresh run" in proc.stdout
     ft, src = load(out / "last.pth"), load(trained / "last.pth")

@@ -42,7 +42,7 @@ def _command(overrides: list[str], nproc: int) -> list[str]:
     return launcher + ["train.py", "--config", "configs/demo.yaml", *overrides]
 
 
-def train(overrides: list[str], nproc: int = 1, timeout: float = 240, **kw) -> subprocess.CompletedProcess:
+def train(overrides: list[str], nproc: int = 1, timeout: float = 900, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(_command(overrides, nproc), cwd=ROOT, env=env(), capture_output=True,
                           text=True, timeout=timeout, **kw)
 
@@ -66,7 +66,7 @@ def kill_run(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def wait_for_step(path: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+def wait_for_step(path: Path, step: int, proc: subprocess.Popen, timeout: float = 900) -> None:
     """Poll a checkpoint until its global_step reaches `step` (or the process ends)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
