@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -74,6 +75,47 @@ def test_signal_checkpoints_and_exits_75_then_resumes(tmp_path, digits, referenc
     resumed = train(overrides)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert_same_weights(load(out / "last.pth"), load(ref_out / "last.pth"))
+
+
+def test_ctrl_c_checkpoints_in_one_line_exits_130_then_resumes_exactly(tmp_path, digits, reference):
+    """Ctrl-C as a terminal sends it: to the whole process group, loader workers included."""
+    ref_out, _ = reference
+    out = tmp_path / "run"
+    overrides = tiny_overrides(out, digits, **{"run.ckpt_every_steps": 1, "data.workers": 2})
+    proc = start_train(overrides)
+    wait_for_step(out / "last.pth", 3, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=900) == 130
+    output = proc.stdout.read()
+    assert output.count("Ctrl-C: writing a checkpoint") == 1 and "Traceback" not in output, output
+    stopped = load(out / "last.pth")
+    assert 0 < stopped["step_in_epoch"] < 6 or stopped["epoch"] > 0  # the partial epoch is kept
+    resumed = train(overrides)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"step {stopped['step_in_epoch']}" in resumed.stdout and "last.pth" in resumed.stdout
+    assert_same_weights(load(out / "last.pth"), load(ref_out / "last.pth"))
+
+
+def test_a_second_ctrl_c_exits_at_once_leaving_whole_checkpoints(tmp_path, digits):
+    """The first Ctrl-C asks for a checkpoint, whose write hangs (a slow disk); the second one ends
+    the run during that write, and the checkpoint on disk is still the previous, whole one."""
+    out, marker = tmp_path / "run", tmp_path / "mid_write"
+    proc = subprocess.Popen(
+        [sys.executable, "tests/slow_checkpoint_train.py", str(marker), "3", "--config",
+         "configs/demo.yaml", *tiny_overrides(out, digits, **{"run.ckpt_every_steps": 1})],
+        cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    wait_for_step(out / "last.pth", 2, proc)  # the 3rd write will hang
+    os.killpg(proc.pid, signal.SIGINT)
+    deadline = time.time() + 900  # a hang guard, not a pace
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=900) == 130
+    output = proc.stdout.read()
+    assert "second Ctrl-C: exiting now" in output and "Traceback" not in output, output
+    assert load(out / "last.pth")["global_step"] == 2  # the previous checkpoint, whole
 
 
 def test_nonfinite_loss_stops_with_step_keeps_last_good_checkpoint_and_resumes(tmp_path, digits):

@@ -4,15 +4,17 @@ preflight (config, model name, data folder: seconds, before any GPU or data work
 -> model -> data -> optimizer and schedule -> resume -> epochs of train + validate + checkpoint.
 
 Exit codes of train.py: 0 finished, 2 bad config, 75 stopped by SIGTERM/SIGUSR1 after writing a
-resumable checkpoint (SLURM requeues on it), 1 anything else (a non-finite loss included).
+resumable checkpoint (SLURM requeues on it), 130 stopped by Ctrl-C the same way, 1 anything else (a non-finite loss included).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 import random
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -37,7 +39,7 @@ from .sync_norm import convert_sync_norm
 
 log = logging.getLogger("tresnet_train")
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_PREEMPTED = 0, 1, 2, 75
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_PREEMPTED, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
 
 
 class NonFiniteLoss(RuntimeError):
@@ -67,15 +69,35 @@ def preflight(cfg: Config) -> list[str] | None:
 
 
 class StopSignal:
-    """SIGTERM/SIGUSR1 set a flag; the run checkpoints at the next step boundary and exits 75."""
+    """SIGTERM/SIGUSR1/SIGINT set a flag; the run checkpoints at the next step boundary and exits.
 
-    def __init__(self):
+    Exit 75 after SIGTERM/SIGUSR1 (SLURM requeues on it), 130 after Ctrl-C (SIGINT), the shell's
+    code for an interrupt. A second Ctrl-C exits at once: the checkpoints on disk stay whole, since
+    every write is a rename of a finished file.
+    """
+
+    def __init__(self, announce: bool):
         self.received: str | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self.announce = announce  # rank 0 says what happens; the other ranks stay quiet
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
+    @property
+    def exit_code(self) -> int:
+        return EXIT_INTERRUPTED if self.received == "SIGINT" else EXIT_PREEMPTED
+
+    def _say(self, text: str) -> None:
+        if self.announce:
+            os.write(sys.stdout.fileno(), f"\n{text}\n".encode())  # print() is unsafe in a handler
+
     def _handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.received == "SIGINT":
+            self._say("second Ctrl-C: exiting now; the last checkpoint on disk is whole")
+            os._exit(EXIT_INTERRUPTED)
+        if signum == signal.SIGINT and self.received is None:
+            self._say("Ctrl-C: writing a checkpoint at the next step, then stopping (Ctrl-C again "
+                      "to exit now)")
+        self.received = self.received or signal.Signals(signum).name
 
 
 def build_model(cfg: Config, device: torch.device) -> nn.Module:
@@ -155,7 +177,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.out / "config.yaml")
         enable_tf32(cfg.run.tf32)
-        self.stop = StopSignal()
+        self.stop = StopSignal(announce=self.world.is_main)
 
         # model
         self.model = build_model(cfg, self.device)
@@ -285,7 +307,7 @@ class Trainer:
             if self.train_epoch(epoch, start):
                 log.info("%s received: checkpoint written to %s; resume with run.resume=auto",
                          self.stop.received, self.out / ckpt.LAST)
-                return EXIT_PREEMPTED
+                return self.stop.exit_code
             results = None
             if (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs:
                 results = self.validate(epoch, time.perf_counter() - t0)

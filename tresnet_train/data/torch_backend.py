@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import random
+import signal
 
 import numpy as np
 import torch
@@ -146,7 +147,14 @@ def _loader(dataset, batch_keys, workers: int, device: torch.device, persistent:
     # per-sample seeds make those base seeds irrelevant to the pixels anyway).
     return DataLoader(dataset, batch_sampler=batch_keys, num_workers=workers,
                       pin_memory=device.type == "cuda", persistent_workers=persistent and workers > 0,
-                      prefetch_factor=4 if workers > 0 else None, generator=torch.Generator())
+                      prefetch_factor=4 if workers > 0 else None, generator=torch.Generator(),
+                      worker_init_fn=_ignore_ctrl_c)
+
+
+def _ignore_ctrl_c(worker_id: int) -> None:
+    """Ctrl-C reaches the workers too (same process group); the main process alone handles it
+    (checkpoint, then stop), so a worker must not die of it mid-epoch."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class TorchTrainLoader(ResumableTrainLoader):
