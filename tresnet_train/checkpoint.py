@@ -118,16 +118,41 @@ def load(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    not_a_checkpoint = _not_a_checkpoint(path)
+    if not_a_checkpoint:
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint: {not_a_checkpoint}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"refusing to load {path}: it is not a weights-only file (it holds "
-                              f"objects other than tensors and plain data, so it may run code when "
-                              f"unpickled; weights_only=True rejected it: "
-                              f"{str(e).splitlines()[0]}). Only load checkpoints you trust, "
-                              f"converted to plain state dicts.") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({e})") from None
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and "
+                              f"plain data, which could run code when unpickled ({detail}). Use a "
+                              f"checkpoint written by train.py, or convert the file to a plain "
+                              f"state dict on a machine where you trust it.") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'no detail'}); use another "
+                              f"copy or an earlier checkpoint") from None
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
+_PICKLE_PROTOCOL = 0x80  # the first byte of a legacy torch.save file (a pickle, protocol >= 2)
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """What the file is instead, when its first bytes say it cannot be a torch.save file."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "it is empty (0 bytes); an interrupted copy?"
+    if head.startswith(_ZIP_MAGIC) or head[0] == _PICKLE_PROTOCOL:
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"it starts with the bytes {head[:8]!r}, neither a zip nor a pickle"
+    first = text.strip().splitlines()[0][:40] if text.strip() else ""
+    return f"it is a text file (starts with {first!r})"
 
 
 def is_readable(path: Path) -> bool:

@@ -1,4 +1,5 @@
-"""Command-line entry points: parse, load the config strictly, preflight, then hand over.
+"""Command-line entry points: parse, load the config strictly, preflight, then hand over
+(`--print-config`: print the resolved config as YAML and stop there).
 
 A bad config, an unknown model or a data folder that does not match costs seconds and exits with
 code 2 and one line naming the key, before any GPU or data work.
@@ -8,9 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+import yaml
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, to_dict
 
 EXIT_CONFIG = 2
 
@@ -18,9 +20,13 @@ EXIT_CONFIG = 2
 def _train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a TResNet (or any timm model) on an ImageFolder dataset.",
-        epilog="Overrides: dotted keys after the config, e.g. data.root=/data/imagenet optim.lr=0.3")
+        epilog="Overrides: dotted keys after the config, e.g. data.root=/data/imagenet optim.lr=0.3. "
+               "To see every key with its resolved value, add --print-config.")
     parser.add_argument("--config", default=None,
                         help="YAML config (default: built-in defaults; see configs/)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (config file + overrides, every key) as YAML "
+                             "and exit; builds nothing (defaults and units: tresnet_train/config.py)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     return parser
 
@@ -30,13 +36,21 @@ def train_main(argv: list[str] | None = None) -> int:
     args = _train_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return 0
         from .trainer import preflight, run  # torch-heavy imports after the cheap checks
         preflight(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    from .checkpoint import CheckpointError
+    from .data import DataError
     try:
         return run(cfg)
     except ConfigError as e:  # found while building (e.g. 0 steps per epoch, resume mismatch)
         print(f"config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (DataError, CheckpointError) as e:  # a file the user can fix or replace
+        print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG

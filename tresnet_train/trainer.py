@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_yaml, to_dict
 from .data import DataError, build_loaders, scan_image_folder
+from .data.digits import check_digits_root
 from .distributed import (World, all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup,
                           gather_objects, init_distributed)
 from .engine import NoEMA, StepParts, evaluate, train_one_epoch
@@ -55,6 +56,19 @@ def preflight(cfg: Config) -> list[str] | None:
         check_model_name(cfg.model.name)
     except UnknownModelError as e:
         raise ConfigError(f"config key 'model.name': {e}") from None
+    for key, path in (("model.pretrained", cfg.model.pretrained),
+                      ("model.init_from", cfg.model.init_from),
+                      ("run.resume", None if cfg.run.resume in ("auto", "none") else cfg.run.resume)):
+        if path:
+            try:
+                ckpt.load(path, mmap=True)  # the structure only: tensors are mapped, not read
+            except ckpt.CheckpointError as e:
+                raise ConfigError(f"config key '{key}': {e}") from None
+    if cfg.data.source == "digits" and cfg.data.root:
+        try:
+            check_digits_root(Path(cfg.data.root).expanduser())
+        except DataError as e:
+            raise ConfigError(f"config key 'data.source' is digits: {e}") from None
     if cfg.data.source != "folder":
         return None
     try:
@@ -102,13 +116,20 @@ class StopSignal:
 
 def build_model(cfg: Config, device: torch.device) -> nn.Module:
     torch.manual_seed(cfg.run.seed)  # same initial weights for the same seed, run after run
-    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes,
-                         pretrained=cfg.model.pretrained, norm=cfg.model.norm,
+    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, norm=cfg.model.norm,
                          drop_path_rate=cfg.model.drop_path_rate)
+    if cfg.model.pretrained:
+        try:
+            load_weights(model, cfg.model.pretrained, skip_mismatched_classifier=True)
+        except ValueError as e:
+            raise ConfigError(f"config key 'model.pretrained': {e}") from None
     if cfg.model.init_from:
-        meta = ckpt.load(cfg.model.init_from)
+        meta = ckpt.load(cfg.model.init_from, mmap=True)
         use_ema = isinstance(meta, dict) and meta.get("best_source") == "ema"
-        load_weights(model, cfg.model.init_from, use_ema=use_ema)
+        try:
+            load_weights(model, cfg.model.init_from, use_ema=use_ema)
+        except ValueError as e:
+            raise ConfigError(f"config key 'model.init_from': {e}") from None
         log.info("initialised weights from %s (%s weights)", cfg.model.init_from,
                  "EMA" if use_ema else "model")
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
@@ -269,7 +290,12 @@ class Trainer:
         except ckpt.CheckpointError as e:
             raise ckpt.CheckpointError(f"rank {self.world.rank} cannot read {path}, the checkpoint "
                                        f"rank 0 chose to resume from: {e}") from None
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as e:  # another model's checkpoint
+            detail = " ".join(str(e).split())[:300]
+            raise ConfigError(f"cannot resume from {path}: it does not fit {cfg.model.name} "
+                              f"({detail}); use run.resume=none or a new run.output_dir") from None
         if state.get("ema") is not None and self.ema.module is not None:
             self.ema.module.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -26,14 +26,21 @@ def default_digits_root() -> Path:
     return cache_dir() / "digits"
 
 
+def check_digits_root(dest: Path) -> None:
+    """Refuse a folder that holds something else: the digits are built only into a new or empty
+    folder, or found complete (with its marker file) in one."""
+    if dest.exists() and not (dest / _MARKER).is_file() and any(dest.iterdir()):
+        raise DataError(f"{dest} is not a digits dataset built here (no {_MARKER} file): for a "
+                        f"dataset of your own set data.source=folder; for the digits, point "
+                        f"data.root at a new folder")
+
+
 def build_digits(dest: str | Path | None = None) -> Path:
     """The digits dataset folder (train/ and val/), built unless it is already complete."""
     dest = Path(dest).expanduser() if dest else default_digits_root()
     if (dest / _MARKER).is_file():
         return dest
-    if dest.exists() and any(dest.iterdir()):
-        raise DataError(f"{dest} exists but is not a complete digits dataset (no {_MARKER} file); "
-                        f"remove it or point data.root elsewhere")
+    check_digits_root(dest)
     try:
         from sklearn.datasets import load_digits
     except ImportError:
