@@ -112,14 +112,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", default="benchmarks", help="where the .json and .md go")
     p.add_argument("--tag", default="", help="suffix of the output file names")
     p.add_argument("--mirror-dir", default=None,
-                   help="also write the files here (e.g. /tmp on a lease, for the next call to read)")
+                   help="also write the files here (e.g. a folder that outlives the output folder)")
     p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
                    help="merge result files of earlier runs (same device) into one report")
     p.add_argument("--imagenette", nargs="+", metavar="JSON", default=[],
                    help="with --merge: imagenette_result.json files of scripts/imagenette.sh to include")
     # e2e
-    p.add_argument("--data-root", default=os.environ.get("IMAGENETTE_ROOT", ""),
-                   help="e2e: ImageFolder root with train/ and val/ (default $IMAGENETTE_ROOT)")
+    default_root = os.environ.get("IMAGENETTE_ROOT") or (
+        os.path.join(os.environ["TRESNET_DATA"], "imagenette-128") if os.environ.get("TRESNET_DATA") else "")
+    p.add_argument("--data-root", default=default_root,
+                   help="e2e: ImageFolder root with train/ and val/ "
+                        "(default $IMAGENETTE_ROOT, else $TRESNET_DATA/imagenette-128)")
     p.add_argument("--e2e-model", default="tresnet_m")
     p.add_argument("--e2e-size", type=int, default=224)
     p.add_argument("--e2e-batch", type=int, default=256)
@@ -536,7 +539,7 @@ def run_micro(args, device: torch.device, report: dict, save) -> None:
     args.max_batch_variants = [v.strip() for v in args.max_batch_variants.split(",")]
     prior = {}  # (model, size, variant) -> max batch, from earlier runs on this device
     for path in args.max_batch_from:
-        if not Path(path).is_file():  # e.g. the lease machine was replaced and /tmp is empty
+        if not Path(path).is_file():  # e.g. an earlier run on another machine
             print(f"warning: --max-batch-from {path}: no such file; going on without it", file=sys.stderr)
             continue
         for r in json.loads(Path(path).read_text()).get("results", []):
@@ -605,7 +608,7 @@ def run_e2e(args, report: dict, save) -> None:
     cuDNN autotuning, loader warm-up) left out; later epochs' windows include the loader's epoch start."""
     root = Path(args.data_root).expanduser().resolve()  # train.py runs from the repo root
     if not (root / "train").is_dir():
-        raise SystemExit(f"--data-root {root!s}: no train/ folder (set --data-root or IMAGENETTE_ROOT)")
+        raise SystemExit(f"--data-root {root!s}: no train/ folder (set --data-root, IMAGENETTE_ROOT or TRESNET_DATA)")
     num_classes, n_train = count_images(root / "train")
     common = [f"model.name={args.e2e_model}", f"model.num_classes={num_classes}",
               f"data.img_size={args.e2e_size}", f"data.batch_size={args.e2e_batch}",

@@ -4,11 +4,13 @@
 #   bash scripts/imagenette.sh 5    [section.key=value ...]   # reference: 87.43% top-1 (fast.ai)
 #   bash scripts/imagenette.sh 20   [section.key=value ...]   # reference: 91.57% top-1
 #
-# Data: $IMAGENETTE_ROOT (default ../shared/data/imagenette-128: 9,469 train / 3,925 val images,
-# 10 classes, squashed to 128x128; the leaderboard trained on aspect-preserving originals, so the
-# comparison is approximate, +-1% run to run). Prints top-1 of the final weights and of their EMA,
-# and the wall time of the whole train.py process (start-up, one validation at the end included);
-# writes the same as JSON to <output_dir>/imagenette_result.json.
+# Data: $IMAGENETTE_ROOT, else $TRESNET_DATA/imagenette-128 (or a data.root=DIR override): fast.ai's
+# Imagenette (https://github.com/fastai/imagenette, 9,469 train / 3,925 val images, 10 classes) in
+# ImageFolder layout, every image resized to 128x128 (scripts/make_imagenette.py); the leaderboard
+# trained on aspect-preserving originals, so the comparison is approximate, +-1% run to run.
+# Prints top-1 of the final weights and of their EMA, and the wall time of the whole train.py process
+# (start-up, one validation at the end included); writes the same as JSON to
+# <output_dir>/imagenette_result.json.
 #
 # Recipe, chosen for a few hundred steps from random init (no tuning run behind it yet):
 # - batch 64, as the leaderboard entries (~148 steps per epoch: steps, not throughput, limit accuracy);
@@ -29,7 +31,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 EPOCHS=${1:?usage: bash scripts/imagenette.sh EPOCHS [section.key=value ...] (EPOCHS: 5 or 20)}
 shift
-ROOT=${IMAGENETTE_ROOT:-../shared/data/imagenette-128}
+ROOT=${IMAGENETTE_ROOT:-${TRESNET_DATA:+$TRESNET_DATA/imagenette-128}}
+for arg in "$@"; do [[ $arg == data.root=* ]] && ROOT=${arg#data.root=}; done
+if [ -z "$ROOT" ] || [ ! -d "$ROOT/train" ]; then
+  echo "imagenette.sh: no Imagenette at '${ROOT}': set IMAGENETTE_ROOT=DIR (or TRESNET_DATA=DIR holding" \
+       "imagenette-128/, or pass data.root=DIR), DIR holding train/ and val/" >&2
+  exit 2
+fi
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 OUT_DIR=runs/imagenette-${EPOCHS}ep
 for arg in "$@"; do [[ $arg == run.output_dir=* ]] && OUT_DIR=${arg#run.output_dir=}; done

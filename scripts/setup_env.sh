@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create or update the project's virtual environment: torch, this package and the extras asked for.
 #
-#   bash scripts/setup_env.sh [EXTRAS]      EXTRAS: comma list of demo,dev,dali,dali-cu13,iabn
+#   bash scripts/setup_env.sh [EXTRAS]      EXTRAS: comma list of demo,dev,dali,dali-cu13,iabn,plot
 #
 # Idempotent: a stamp records what was installed, so a second call with the same pyproject.toml and
 # extras returns in a second. Environment: VENV (default .venv), PYTHON (default python3),
@@ -38,3 +38,4 @@ if [[ ",$EXTRAS," == *",iabn,"* ]] && ! "$VENV/bin/python" -c "import inplace_ab
 fi
 rm -f "$VENV"/.tresnet-setup-*
 touch "$stamp"
+echo "$VENV is ready; to use it in this shell: source $VENV/bin/activate (then: python train.py --help)"

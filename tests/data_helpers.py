@@ -1,28 +1,60 @@
-"""Helpers for the data tests: folders of odd files, folders whose images encode their own id, and
-the per-rank worker that tests/test_data.py launches with torchrun.
+"""Helpers for the data tests: the real-photo datasets, folders of odd files, folders whose images
+encode their own id, and the per-rank worker that tests/test_data.py launches with torchrun.
 
     torchrun --standalone --nproc_per_node=2 tests/data_helpers.py ROOT BACKEND OUT_DIR
+
+Real photos: `$TRESNET_DATA` is a folder holding ImageFolder datasets by name (`imagenette-mini-96/`,
+`imagenette-128/`, each with train/ and val/). Tests that need one call `real_photos(name)`, which
+skips with a reason naming the variable when the dataset is absent.
 """
 from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+DATA_ENV = "TRESNET_DATA"  # folder of real-photo datasets, one subfolder per name
+_SIBLING_DATA = REPO.parent / "shared" / "data"  # used when the variable is unset and this exists
 
 TRAIN_GOOD = 6  # plain JPEGs per class in the odd-files folder
 ID_LEVELS = 16  # id colour encoding: 16 levels per channel, 256 ids
 
 
-def shared_dataset(name: str) -> Path | None:
-    path = SHARED_DATA / name
-    return path if (path / "train").is_dir() else None
+def real_photos_root() -> Path | None:
+    """$TRESNET_DATA, else the data folder beside the checkout when there is one, else None."""
+    value = os.environ.get(DATA_ENV)
+    if value:
+        return Path(value).expanduser().resolve()
+    return _SIBLING_DATA if _SIBLING_DATA.is_dir() else None
+
+
+def find_real_photos(name: str) -> Path | None:
+    """`<real_photos_root()>/<name>` when it holds a train/ folder, else None (no skip)."""
+    root = real_photos_root()
+    path = root / name if root is not None else None
+    return path if path is not None and (path / "train").is_dir() else None
+
+
+def real_photos(name: str = "imagenette-mini-96") -> Path:
+    """The real-photo dataset `name` (ImageFolder root with train/ and val/); skips the calling test
+    with a reason naming $TRESNET_DATA when it is absent."""
+    path = find_real_photos(name)
+    if path is None:
+        root = real_photos_root()
+        if os.environ.get(DATA_ENV):
+            where = f"{DATA_ENV}={root} has no {name}/train"
+        else:
+            where = f"{DATA_ENV} is not set" + (f" and {root} has no {name}/train" if root else "")
+        pytest.skip(f"real photos {name!r} not found ({where}): set {DATA_ENV} to a folder holding "
+                    f"{name}/train and {name}/val (README, Tests)")
+    return path
 
 
 def photo(width: int, height: int, seed: int) -> Image.Image:

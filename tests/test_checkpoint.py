@@ -65,9 +65,9 @@ def test_epoch_ends_write_once_and_link_best_and_top_k(tmp_path, digits, monkeyp
         trainer.end_of_epoch_checkpoints(epoch, {"model": {"top1": top1, "top5": 100.0, "loss": 1.0}})
 
     try:
-        epoch_end(0, 50.0)  # improves: last, best and top/epoch_0000 are one file
+        epoch_end(0, 50.0)  # improves: last, best and top/epoch_0001 (1-based) are one file
         assert len(saves) == 1
-        assert best.stat().st_ino == last.stat().st_ino == (top / "epoch_0000.pth").stat().st_ino
+        assert best.stat().st_ino == last.stat().st_ino == (top / "epoch_0001.pth").stat().st_ino
         assert checkpoint.find_resume(out) == last  # the three tie on mtime: last.pth wins
         trainer.save(1, 3)  # mid-epoch: a new last.pth renamed over the old name
         assert best.stat().st_ino != last.stat().st_ino
@@ -78,8 +78,8 @@ def test_epoch_ends_write_once_and_link_best_and_top_k(tmp_path, digits, monkeyp
         epoch_end(1, 40.0)  # no better, but second of two: a top-k link, best.pth untouched
         epoch_end(2, 45.0)  # pushes epoch 1 out of the top 2
         assert len(saves) == 4
-        assert sorted(p.name for p in top.iterdir()) == ["epoch_0000.pth", "epoch_0002.pth"]
-        assert (top / "epoch_0002.pth").stat().st_ino == last.stat().st_ino != best.stat().st_ino
+        assert sorted(p.name for p in top.iterdir()) == ["epoch_0001.pth", "epoch_0003.pth"]
+        assert (top / "epoch_0003.pth").stat().st_ino == last.stat().st_ino != best.stat().st_ino
         assert load(last)["topk"] == [[50.0, 0], [45.0, 2]]
         assert load(best)["best"]["epoch"] == 0
     finally:

@@ -6,6 +6,7 @@ sources. All on CPU; GPU variants are marked `gpu`.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -25,7 +26,9 @@ from data_helpers import (REPO, make_id_folder, make_odd_folder, make_photo_fold
 from tresnet_train.config import Config
 from tresnet_train.data import (DataError, build_loaders, check_image, index_split,
                                 scan_image_folder)
+from tresnet_train.data import Preprocess
 from tresnet_train.data import folder as folder_mod
+from tresnet_train.data.build import build_val_loader
 from tresnet_train.data.digits import build_digits
 from tresnet_train.data.dali_backend import dali_available, parse_randaugment
 from tresnet_train.data.plan import TrainPlan, ValPlan
@@ -186,30 +189,39 @@ def _real_photo_folder(tmp_path) -> Path:
 
 
 @needs_dali
-@pytest.mark.parametrize("img_size,interpolation,max_mean_abs", [(64, "bilinear", 0.5), (160, "bilinear", 0.5),
-                                                                 (64, "bicubic", 1.0)])
-def test_eval_preprocessing_matches_between_backends(tmp_path, img_size, interpolation, max_mean_abs):
-    """Same images, same labels in the same order, and val tensors within a grey level."""
+@pytest.mark.parametrize("resize,img_size,interpolation,max_mean_abs", [
+    ("crop", 64, "bilinear", 0.5), ("crop", 160, "bilinear", 0.5), ("crop", 64, "bicubic", 1.0),
+    ("squash", 64, "bilinear", 0.5), ("squash", 160, "bilinear", 0.5)])
+def test_eval_preprocessing_matches_between_backends(tmp_path, resize, img_size, interpolation,
+                                                     max_mean_abs):
+    """Same images, same labels in the same order, and val tensors within a grey level, for both
+    eval protocols (crop: timm's; squash: the official TResNet 448 one, as validate.py runs them)."""
     root = _real_photo_folder(tmp_path)
     data_config = dict(TRESNET, interpolation=interpolation)
+    split = index_split(root, "val")
     outs = {}
     for backend in ("torch", "dali"):
         cfg = make_cfg(root, backend, img_size=img_size, val_batch_size=7)
-        _, val = build_loaders(cfg, data_config, World(), CPU)
+        pre = dataclasses.replace(Preprocess.from_config(cfg.data, data_config), val_resize_mode=resize)
+        val = build_val_loader(split, cfg.data, pre, backend, World(), CPU)
         batches = collect(val)
         outs[backend] = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
     (x_t, y_t), (x_d, y_d) = outs["torch"], outs["dali"]
     assert torch.equal(y_t, y_d) and y_t.tolist() == sorted(y_t.tolist())
     assert x_t.shape == x_d.shape == (32, 3, img_size, img_size)
     diff = (x_t - x_d).abs() * 255  # grey levels
-    report = (f"eval torch vs DALI, {interpolation} {img_size}px: mean abs diff {diff.mean():.3f} "
+    report = (f"eval torch vs DALI, {resize} {interpolation} {img_size}px: mean abs diff {diff.mean():.3f} "
               f"grey levels, max {diff.max():.1f}, worst image mean {diff.mean(dim=(1, 2, 3)).max():.3f}")
     print(report)
     log.info(report)
     assert diff.mean() < max_mean_abs
     assert diff.mean(dim=(1, 2, 3)).max() < 2 * max_mean_abs  # no image shifted or mis-rounded
     if interpolation == "bilinear":
-        assert diff.max() <= 2.01
+        # squash keeps the photo's own border: shrinking, Pillow renormalises the antialias filter
+        # cut off by the edge and DALI clamps, up to ~7 grey levels on the outermost pixel ring
+        # (measured at 64 px); inside it the backends agree as with crop
+        ring = 1 if resize == "squash" else 0
+        assert diff[..., ring:img_size - ring, ring:img_size - ring].max() <= 2.01
 
 
 @needs_dali

@@ -21,7 +21,7 @@ from tresnet_train.models.layers import (BlurPool2d, ConvNormAct, DropPath, Sque
 from tresnet_train.models.resnest import ResNestBottleneck
 from tresnet_train.models.tresnet import BasicBlock, Bottleneck
 
-# Parameter counts: timm 1.0.31 for the models it has (FACTS.md), ours for tresnet_tiny.
+# Parameter counts: timm 1.0.31 for the models it has, ours for tresnet_tiny.
 PARAM_COUNTS = {
     "tresnet_m": 31_389_032,
     "tresnet_l": 55_989_256,

@@ -203,4 +203,4 @@ class TopK:
                 path.unlink(missing_ok=True)
 
     def path(self, epoch: int) -> Path:
-        return self.folder / f"epoch_{epoch:04d}.pth"
+        return self.folder / f"epoch_{epoch + 1:04d}.pth"  # 1-based, as the logs count epochs

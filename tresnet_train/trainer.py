@@ -31,7 +31,7 @@ from .data.digits import check_digits_root
 from .distributed import (World, all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup,
                           gather_objects, init_distributed)
 from .engine import NoEMA, StepParts, evaluate, train_one_epoch
-from .logs import MetricsLog, Progress, setup_console
+from .logs import MetricsLog, Progress, duration, setup_console
 from .losses import build_batch_augment, build_criterion
 from .models import UnknownModelError, check_model_name, create_model, get_data_config, load_weights
 from .optim import build_optimizer, build_schedule, scaled_lr
@@ -191,6 +191,7 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.t_start, self.wall_before = time.perf_counter(), 0.0  # wall_before: earlier runs' time
         self.world, self.device = init_distributed(cfg.run.device, cfg.run.dist_timeout_min)
         setup_console(self.world)
         self.out = Path(cfg.run.output_dir)
@@ -235,7 +236,8 @@ class Trainer:
         self.topk = ckpt.TopK(self.out, cfg.run.keep_top_k)
         self.last_val: dict = {}
         self.resume()
-        self.metrics = MetricsLog(self.out, self.world.is_main, cfg.run.tensorboard)
+        self.metrics = MetricsLog(self.out, self.world.is_main, cfg.run.tensorboard,
+                                  resume_step=self.epoch * self.steps + self.start_step)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state(self, epoch: int, step: int) -> dict:
@@ -254,7 +256,7 @@ class Trainer:
             "data_config": {k: list(v) if isinstance(v, tuple) else v
                             for k, v in self.data_config.items()},
             "classes": self.classes, "best": dict(self.best), "best_source": self.best["source"],
-            "topk": self.topk.entries, "val": dict(self.last_val),
+            "topk": self.topk.entries, "val": dict(self.last_val), "wall_s": self.wall_s(),
         }
 
     def save(self, epoch: int, step: int, name: str = ckpt.LAST) -> None:
@@ -306,6 +308,7 @@ class Trainer:
                               f"per epoch, this run {self.steps} (batch size, world size or data "
                               f"changed); use run.resume=none or a new run.output_dir")
         self.best, self.topk.entries = state["best"], state["topk"]
+        self.wall_before = float(state.get("wall_s", 0.0))
         self.last_val = state.get("val", {})
         if state["world_size"] == self.world.world_size:
             self.train_loader.load_state_dict(state["loader"][self.world.rank])
@@ -319,14 +322,24 @@ class Trainer:
         else:
             log.info("resumed from %s at epoch %d, step %d", path, self.epoch + 1, self.start_step)
 
+    def wall_s(self) -> float:
+        """Wall-clock seconds of the whole run, earlier (resumed-from) processes included."""
+        return self.wall_before + time.perf_counter() - self.t_start
+
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> int:
         cfg = self.cfg
-        log.info("model %s (%.2fM params) | %d train steps/epoch x %d epochs | global batch %d | "
+        batches = len(self.train_loader) // cfg.optim.accum_steps
+        capped = f" (of {batches}: train.steps_per_epoch)" if self.steps < batches else ""
+        log.info("model %s (%.2fM params) | %d train steps/epoch%s x %d epochs | global batch %d | "
                  "peak lr %.4g | amp %s on %s, %d process(es)", cfg.model.name,
-                 sum(p.numel() for p in self.model.parameters()) / 1e6, self.steps, cfg.train.epochs,
-                 self.global_batch, self.peak_lr, self.precision.amp, self.device,
+                 sum(p.numel() for p in self.model.parameters()) / 1e6, self.steps, capped,
+                 cfg.train.epochs, self.global_batch, self.peak_lr, self.precision.amp, self.device,
                  self.world.world_size)
+        if cfg.optim.warmup_epochs >= cfg.train.epochs and cfg.optim.schedule != "onecycle":
+            log.warning("warning: optim.warmup_epochs=%g is not shorter than train.epochs=%d: the "
+                        "learning rate never reaches its peak and never decays", cfg.optim.warmup_epochs,
+                        cfg.train.epochs)
         for epoch in range(self.epoch, cfg.train.epochs):
             t0 = time.perf_counter()
             start, self.start_step = self.start_step, 0
@@ -339,9 +352,10 @@ class Trainer:
                 results = self.validate(epoch, time.perf_counter() - t0)
             self.end_of_epoch_checkpoints(epoch, results)
         self.write_summary()
-        log.info("done: best top-1 %.2f%% (%s weights, epoch %d) | checkpoints in %s | metrics in "
-                 "%s | TensorBoard: tensorboard --logdir %s", self.best["top1"], self.best["source"],
-                 self.best["epoch"] + 1, self.out, self.out / "metrics.jsonl", self.out / "tb")
+        log.info("done: best top-1 %.2f%% (%s weights, epoch %d) | wall time %s | checkpoints in %s "
+                 "| metrics in %s | TensorBoard: tensorboard --logdir %s", self.best["top1"],
+                 self.best["source"], self.best["epoch"] + 1, duration(self.wall_s()), self.out,
+                 self.out / "metrics.jsonl", self.out / "tb")
         return EXIT_OK
 
     def write_summary(self) -> None:
@@ -353,7 +367,9 @@ class Trainer:
         if len(set(prints)) > 1:
             log.error("ranks hold different weights at the end of training: %s", prints)
         if self.world.is_main:
-            summary = {"best": self.best, "final": self.last_val, "epochs": self.cfg.train.epochs,
+            best = dict(self.best, epoch=self.best["epoch"] + 1)  # 1-based, as in the logs
+            summary = {"best": best, "final": self.last_val, "epochs": self.cfg.train.epochs,
+                       "wall_time_s": round(self.wall_s(), 1),
                        "global_step": self.cfg.train.epochs * self.steps,
                        "world_size": self.world.world_size, "weights_sha256_per_rank": prints}
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -363,13 +379,14 @@ class Trainer:
         cfg, world = self.cfg, self.world
         self.train_loader.set_epoch(epoch, start_step * cfg.optim.accum_steps)
         progress = Progress(world.is_main, epoch, cfg.train.epochs, self.steps, start_step)
+        first_step = start_step
         meter = _StepMeter(self.device, epoch * self.steps + start_step)
 
         def on_step(step, global_step, loss, lr, images) -> bool:
             meter.add(loss, images)
             last_step = step + 1 == self.steps
             ckpt_due = bool(cfg.run.ckpt_every_steps) and (global_step + 1) % cfg.run.ckpt_every_steps == 0
-            log_due = (step + 1) % cfg.run.log_every == 0 or last_step
+            log_due = (step + 1) % cfg.run.log_every == 0 or last_step or step == first_step
             # A lone process can honour a signal at every step for free; several must agree first.
             if not (log_due or ckpt_due or (not world.distributed and self.stop.received)):
                 return False
@@ -382,7 +399,7 @@ class Trainer:
             if log_due:
                 img_s = meter.images * world.world_size / meter.elapsed()
                 progress.update(step, mean_loss, lr, img_s)
-                self.metrics.write("train", global_step, **{
+                self.metrics.write("train", global_step + 1, **{  # steps done, as val records
                     "train/loss": mean_loss, "train/lr": lr, "train/img_per_s": img_s})
                 meter.reset(global_step + 1)
             if (signalled or ckpt_due) and not last_step:
@@ -409,6 +426,8 @@ class Trainer:
 
     def validate(self, epoch: int, epoch_time: float) -> dict:
         """Validate the model and its EMA; log, and return {"model": metrics, "ema": metrics}."""
+        log.info("epoch %d/%d | validating on %d images (%d steps per process) ...", epoch + 1,
+                 self.cfg.train.epochs, self.val_loader.num_images, len(self.val_loader))
         results = {"model": evaluate(self.model, self.val_loader, self.precision, self.device)}
         if self.ema.module is not None:
             results["ema"] = evaluate(self.ema.module, self.val_loader, self.precision, self.device)

@@ -1,7 +1,9 @@
 """`build_loaders`: the one entry point the trainer calls (source, backend, splits, plans)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -64,9 +66,19 @@ def _check_randaugment(spec: str) -> None:
                         f"example: rand-m9-mstd0.5-inc1") from None
 
 
+def loader_workers(requested: int) -> int:
+    """`data.workers` capped at the CPUs this process may use (more only add contention)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if requested > cpus:
+        log.info("data.workers=%d is more than the %d CPU(s) available: using %d", requested, cpus,
+                 cpus)
+        return cpus
+    return requested
+
+
 def build_loaders(cfg, data_config: dict, world, device: torch.device):
     """(train_loader, val_loader) for this rank; see tresnet_train/data/__init__.py for the contract."""
-    d = cfg.data
+    d = dataclasses.replace(cfg.data, workers=loader_workers(cfg.data.workers))
     pre = Preprocess.from_config(d, data_config)
     _check_randaugment(d.randaugment)
     val_batch = d.val_batch_size or d.batch_size
@@ -94,8 +106,8 @@ def build_loaders(cfg, data_config: dict, world, device: torch.device):
     if backend == "dali":  # nvJPEG's buffers live outside PyTorch's allocator: say how much
         memory = " | DALI preallocates per rank: " + describe_preallocation(
             train_loader.threads, train_loader.padding, val_loader.padding)
-    log.info("data: %s backend on %s | %d classes | train %d images, %d steps of %d per rank x %d "
-             "rank(s) | val %d images, %d steps of %d | train crop %d, eval resize %d crop %d "
+    log.info("data: %s backend on %s | %d classes | train %d images, %d batches of %d per rank x %d "
+             "rank(s) | val %d images, %d batches of %d | train crop %d, eval resize %d crop %d "
              "(%s)%s",
              backend, device, len(train.classes), len(train.samples), train_plan.steps, d.batch_size,
              world.world_size, len(val.samples), len(val_loader), val_batch, pre.img_size,
