@@ -48,6 +48,30 @@ def test_run_writes_config_checkpoints_metrics_and_tensorboard(reference):
     assert "val top-1" in proc.stdout and "done: best top-1" in proc.stdout
 
 
+def test_run_tells_progress_time_and_1_based_epochs(reference):
+    out, proc = reference
+    lines = proc.stdout.splitlines()
+    assert any("epoch 1/2 [1/6]" in line for line in lines)  # the first step, whatever log_every
+    assert any("(run 0:" in line for line in lines)  # the run's ETA beside the epoch's
+    assert any("validating on 359 images" in line for line in lines)
+    assert "wall time 0:" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["wall_time_s"] > 0 and summary["best"]["epoch"] in (1, 2)
+    assert f"epoch {summary['best']['epoch']})" in proc.stdout  # the done line and the file agree
+
+
+def _records_once(out) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for kind in ("train", "val"):
+        steps = [r["step"] for r in records if r["kind"] == kind]
+        assert steps == sorted(set(steps)), (kind, steps)
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == sorted(set(steps)), steps
+
+
 def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, digits, reference):
     ref_out, _ = reference
     out = tmp_path / "run"
@@ -60,6 +84,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, digits, reference):
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed from" in resumed.stdout
     assert_same_weights(load(out / "last.pth"), load(ref_out / "last.pth"))
+    _records_once(out)  # steps logged after the checkpoint and again after the resume: once
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
