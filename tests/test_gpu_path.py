@@ -45,14 +45,16 @@ def test_steps_between_log_points_never_sync_with_the_host():
 
 
 @pytest.mark.skipif(not inplace_abn_available(), reason="inplace_abn is not installed")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("train_mode", [True, False], ids=["train", "eval"])
-def test_inplace_abn_under_bf16_autocast_on_cuda(train_mode):
+def test_inplace_abn_under_autocast_on_cuda(train_mode, dtype):
+    """bf16: the layers compute in fp32 (no bf16 kernel); fp16: in fp16, statistics in fp32."""
     device = torch.device("cuda", 0)
     iabn = create_model("tresnet_tiny", norm="iabn").to(device).train(train_mode)
     bn = create_model("tresnet_tiny", norm="bn").to(device).train(train_mode)
     bn.load_state_dict(iabn.state_dict())
     x = torch.rand(8, 3, 64, 64, device=device)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast("cuda", dtype=dtype):
         out, ref = iabn(x), bn(x)
     torch.testing.assert_close(out.float(), ref.float(), rtol=0.05, atol=0.05)
     if train_mode:

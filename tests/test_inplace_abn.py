@@ -84,13 +84,16 @@ def test_bn_checkpoint_scales_below_eps_load_at_the_floor():
     assert torch.equal(iabn.body.conv1.bn.weight[:3].detach(), torch.full((3,), EPS))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("train_mode", [True, False], ids=["train", "eval"])
-def test_autocast_bfloat16_runs_inplace_abn_in_float32(train_mode, randomize_norms):
+def test_autocast_runs_inplace_abn_in_a_precision_its_kernels_have(train_mode, dtype,
+                                                                  randomize_norms):
+    """CPU kernels: fp32 (bf16 input with fp32 weights is refused, fp16 has no CPU kernel)."""
     iabn = randomize_norms(create_model("tresnet_tiny", norm="iabn")).train(train_mode)
     bn = create_model("tresnet_tiny", norm="bn").train(train_mode)
     bn.load_state_dict(iabn.state_dict())
     x = torch.rand(4, 3, 64, 64)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out, ref = iabn(x), bn(x)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref.float(), rtol=0.05, atol=0.05)

@@ -29,13 +29,14 @@ from .config import Config, ConfigError, dump_yaml, to_dict
 from .data import DataError, build_loaders, scan_image_folder
 from .data.digits import check_digits_root
 from .distributed import (World, all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup,
-                          gather_objects, init_distributed)
+                          gather_objects, init_distributed, world_from_env)
 from .engine import NoEMA, StepParts, evaluate, train_one_epoch
 from .logs import MetricsLog, Progress, duration, setup_console
 from .losses import build_batch_augment, build_criterion
 from .models import UnknownModelError, check_model_name, create_model, get_data_config, load_weights
+from .models.layers import inplace_abn_layers
 from .optim import build_optimizer, build_schedule, scaled_lr
-from .precision import GradClipper, Precision, enable_tf32
+from .precision import GradClipper, Precision, PrecisionError, enable_tf32, resolve_amp
 from .sync_norm import convert_sync_norm
 
 log = logging.getLogger("tresnet_train")
@@ -56,6 +57,12 @@ def preflight(cfg: Config) -> list[str] | None:
         check_model_name(cfg.model.name)
     except UnknownModelError as e:
         raise ConfigError(f"config key 'model.name': {e}") from None
+    if cfg.run.device != "cpu" and torch.cuda.is_available():  # the GPU this process will take
+        gpu = torch.device("cuda", world_from_env().local_rank % torch.cuda.device_count())
+        try:
+            resolve_amp(cfg.train.amp, gpu)
+        except PrecisionError as e:
+            raise ConfigError(str(e)) from None
     for key, path in (("model.pretrained", cfg.model.pretrained),
                       ("model.init_from", cfg.model.init_from),
                       ("run.resume", None if cfg.run.resume in ("auto", "none") else cfg.run.resume)):
@@ -134,6 +141,40 @@ def build_model(cfg: Config, device: torch.device) -> nn.Module:
                  "EMA" if use_ema else "model")
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     return model.to(device=device, memory_format=memory_format)
+
+
+def device_line(device: torch.device, world: World) -> str:
+    """The device(s): name, compute capability, memory (GPUs), or the CPU and its cores."""
+    if device.type != "cuda":
+        return f"{world.world_size} process(es) on CPU ({os.cpu_count()} cores)"
+    p = torch.cuda.get_device_properties(device)
+    return (f"{world.world_size} process(es), this one on {p.name} (compute capability "
+            f"{p.major}.{p.minor}, {p.total_memory / 2**30:.0f} GiB)")
+
+
+def speed_choices(cfg: Config, device: torch.device, world: World, precision: Precision,
+                  model: nn.Module, train_loader) -> str:
+    """One line: the device(s) and every speed choice made, with its reason."""
+    on = {True: "on", False: "off"}
+    cuda = device.type == "cuda"
+    iabn = bool(inplace_abn_layers(model))
+    norm = "InPlace-ABN" if iabn else "BatchNorm"
+    norm_why = ("auto: CUDA and inplace_abn installed" if iabn else
+                "auto: " + ("inplace_abn not installed" if cuda else "CPU")) \
+        if cfg.model.norm == "auto" else "as configured"
+    parts = [device_line(device, world),
+             f"precision {precision.amp} ({precision.reason})",
+             f"TF32 {on[cuda and cfg.run.tf32]} (run.tf32{'' if cuda else '; CUDA only'})",
+             f"cudnn.benchmark {on[cuda]} (fixed input sizes)",
+             f"channels_last {on[cfg.model.channels_last]}, compile {on[cfg.model.compile]} "
+             f"(as configured)",
+             f"norm {norm} ({norm_why}), sync {on[cfg.model.sync_bn and world.distributed]}"]
+    if getattr(train_loader, "backend", None) == "dali":
+        from .data.dali_backend import hardware_decoder_share
+        share = hardware_decoder_share(device)
+        parts.append(f"DALI {'mixed' if cuda else 'cpu'} decoding, hardware JPEG decoder share "
+                     f"{share:g}" + ("" if share or not cuda else " (this GPU has none)"))
+    return "speed: " + " | ".join(parts)
 
 
 def wrap_model(model: nn.Module, cfg: Config, world: World,
@@ -336,6 +377,8 @@ class Trainer:
                  sum(p.numel() for p in self.model.parameters()) / 1e6, self.steps, capped,
                  cfg.train.epochs, self.global_batch, self.peak_lr, self.precision.amp, self.device,
                  self.world.world_size)
+        log.info("%s", speed_choices(cfg, self.device, self.world, self.precision, self.model,
+                                      self.train_loader))
         if cfg.optim.warmup_epochs >= cfg.train.epochs and cfg.optim.schedule != "onecycle":
             log.warning("warning: optim.warmup_epochs=%g is not shorter than train.epochs=%d: the "
                         "learning rate never reaches its peak and never decays", cfg.optim.warmup_epochs,

@@ -10,8 +10,11 @@ pickle that would run code is refused before anything in it runs.
 
 Preprocessing defaults to what the trainer validated with (the checkpoint's data.val_img_size or
 data.img_size, data.crop_pct or the model's crop_pct), so validating `best.pth` reproduces the
-top-1 the trainer logged. Under torchrun every rank reads a round-robin shard padded with target -1
-samples, which the evaluator ignores: each image counts exactly once.
+top-1 the trainer logged. That is the crop protocol (timm's: resize the short side to
+size / crop_pct, center crop); `--resize squash` is the official TResNet protocol at 448 (the whole
+image resized to size x size, no crop), under which the paper's 448 numbers were measured. Under
+torchrun every rank reads a round-robin shard padded with target -1 samples, which the evaluator
+ignores: each image counts exactly once.
 
 Exit codes: 0 done; 2 a problem the user can fix (usage, unreadable or refused checkpoint, class
 count mismatch, unknown model, bad data folder), reported as one line on stderr.
@@ -24,7 +27,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,9 +35,10 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, from_dict
+from .data.transforms import VAL_RESIZE_MODES
 from .distributed import World, barrier, cleanup, gather_objects, init_distributed, world_from_env
 from .engine import evaluate
-from .precision import Precision
+from .precision import Precision, PrecisionError
 
 log = logging.getLogger("tresnet_train")
 
@@ -65,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-pct", type=float, default=None,
                    help="center-crop fraction: resize the short side to img_size / crop_pct first "
                         "(default: the checkpoint's, else the model's, 0.875 for TResNet)")
+    p.add_argument("--resize", choices=VAL_RESIZE_MODES, default="crop",
+                   help="eval protocol: crop = resize the short side to img_size / crop_pct, then "
+                        "center crop (timm's, the trainer's); squash = resize the whole image to "
+                        "img_size x img_size, aspect not kept, no crop (the official TResNet "
+                        "evaluation at 448, the paper's 448 numbers)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per process per step (default: the checkpoint's val batch, else 64)")
     p.add_argument("--backend", choices=("auto", "dali", "torch"), default="auto",
@@ -95,6 +104,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValidationError(f"--workers must be >= 0, got {args.workers}")
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
         raise ValidationError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    if args.crop_pct is not None and args.resize == "squash":
+        raise ValidationError("--crop-pct applies to --resize crop; --resize squash crops nothing")
 
 
 # ---- what to evaluate -------------------------------------------------------------------------------
@@ -110,6 +121,7 @@ class Plan:
     val_dir: Path
     classes: list[str]
     trainer_val: dict  # the trainer's last validation before the checkpoint was saved (ours only)
+    resize_mode: str  # eval protocol, --resize: crop | squash
 
 
 def val_folder(data: str | Path) -> Path:
@@ -236,7 +248,7 @@ def resolve(args: argparse.Namespace) -> Plan:
     cfg.train.amp, cfg.run.device = args.amp, args.device
     return Plan(model=model, model_name=name, weights=weights, fmt=fmt, cfg=cfg,
                 data_config=data_config, val_dir=val_dir, classes=classes,
-                trainer_val=dict(state.get("val") or {}) if ours else {})
+                trainer_val=dict(state.get("val") or {}) if ours else {}, resize_mode=args.resize)
 
 
 def build_val_loader(plan: Plan, world: World, device: torch.device):
@@ -250,7 +262,7 @@ def build_val_loader(plan: Plan, world: World, device: torch.device):
     from .data.build import index_threads
 
     d = plan.cfg.data
-    pre = Preprocess.from_config(d, plan.data_config)
+    pre = replace(Preprocess.from_config(d, plan.data_config), val_resize_mode=plan.resize_mode)
     backend = resolve_backend(d.backend)
     split = index_images(plan.val_dir, plan.classes, strict=d.strict,
                          threads=index_threads(d.workers))
@@ -287,6 +299,16 @@ def write_predictions(path: str | Path, rows, split, classes: list[str]) -> None
             w.writerow([split.samples[i][0], classes[label], classes[pred], f"{prob:.6f}"])
 
 
+def describe_preprocess(r: dict) -> str:
+    """The eval protocol in words, e.g. `crop: resize 256, center crop 224 (crop_pct 0.875, ...)`."""
+    if r["resize_mode"] == "squash":
+        size = f"squash: resize to {r['img_size']}x{r['img_size']}, no crop"
+    else:
+        size = (f"crop: resize {r['resize']}, center crop {r['img_size']} "
+                f"(crop_pct {r['crop_pct']:g})")
+    return f"{size}, {r['interpolation']}, {r['backend']} backend"
+
+
 def report(result: dict) -> str:
     """The short human table."""
     r = result
@@ -294,8 +316,7 @@ def report(result: dict) -> str:
         ("model", f"{r['model']} ({r['weights']} weights, {r['format']} format)"),
         ("checkpoint", r["checkpoint"]),
         ("data", f"{r['data']} ({r['num_images']} images, {r['num_classes']} classes)"),
-        ("preprocess", f"resize {r['resize']}, center crop {r['img_size']} (crop_pct "
-                       f"{r['crop_pct']:g}, {r['interpolation']}), {r['backend']} backend"),
+        ("preprocess", describe_preprocess(r)),
         ("top-1", f"{r['top1']:.3f} %"),
         ("top-5", f"{r['top5']:.3f} %"),
         ("loss", f"{r['loss']:.4f}"),
@@ -328,7 +349,9 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "model": plan.model_name, "checkpoint": str(args.ckpt), "weights": plan.weights,
         "format": plan.fmt, **metrics, "num_classes": len(plan.classes), "img_size": pre.val_img_size,
-        "crop_pct": pre.crop_pct, "resize": pre.val_resize, "interpolation": pre.interpolation,
+        "resize_mode": pre.val_resize_mode, "resize": pre.val_resize,
+        "crop_pct": pre.crop_pct if pre.val_resize_mode == "crop" else None,
+        "interpolation": pre.interpolation,
         "backend": backend, "amp": precision.amp, "batch_size": plan.cfg.data.val_batch_size,
         "world_size": world.world_size, "device": str(device), "data": str(plan.val_dir),
         "skipped_images": len(split.skipped), "eval_seconds": elapsed,
@@ -360,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
         ok = True
         return EXIT_OK
-    except (ValidationError, ckpt.CheckpointError, ConfigError, DataError) as e:
+    except (ValidationError, ckpt.CheckpointError, ConfigError, DataError, PrecisionError) as e:
         if world_from_env().is_main:
             print(f"validate.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -7,10 +7,11 @@ and a default device_id of 0 there).
 
 Train: fused decode + random-resized-crop (only the crop's part of the JPEG is decoded), resize,
 optional RandAugment (DALI's `auto_aug.rand_augment`, mapped from timm's spec), flip and normalise.
-Eval reproduces torchvision's `Resize(floor(size / crop_pct))` + `CenterCrop(size)`: the output
-sizes and crop offsets are computed per image with torchvision's rounding, the resize is
-antialiased, and EXIF orientation is ignored as Pillow does; measured against the torch backend
-the mean absolute difference is below one grey level (tests/test_data.py).
+Eval reproduces torchvision's `Resize(floor(size / crop_pct))` + `CenterCrop(size)` (the crop
+protocol: output sizes and crop offsets are computed per image with torchvision's rounding) or
+`Resize((size, size))` (squash, the official TResNet 448 protocol); the resize is antialiased, and
+EXIF orientation is ignored as Pillow does; measured against the torch backend the mean absolute
+difference is below one grey level (tests/test_data.py).
 
 The reader reads this rank's file list of the plan (`plan.py`), which already excludes undecodable
 files (DALI cannot skip one), so both backends see the same images in the same order. Each epoch
@@ -55,6 +56,19 @@ _DEVICE_BYTES_PER_PIXEL = 6
 _PINNED_BYTES_PER_PIXEL = 4
 _SIZE_SAMPLE = 1024  # files per split whose header is read to size the decoder buffers
 _MIB = 2 ** 20
+
+
+# GPUs with a hardware JPEG decoder (NVJPG engines): A100/A30 (8.0), H100/H200 (9.0), B200 (10.0).
+_HW_JPEG_CAPABILITIES = {(8, 0), (9, 0), (10, 0)}
+HW_DECODER_SHARE = 0.65  # of the images, to the hardware decoder (NVIDIA's ImageNet example)
+
+
+def hardware_decoder_share(device: torch.device) -> float:
+    """nvJPEG's `hw_decoder_load`: 0.65 on GPUs with a hardware JPEG decoder, else 0 (all on CUDA)."""
+    if device.type != "cuda":
+        return 0.0
+    return HW_DECODER_SHARE if torch.cuda.get_device_capability(device) in _HW_JPEG_CAPABILITIES \
+        else 0.0
 
 
 def dali_available() -> bool:
@@ -189,7 +203,7 @@ class _Dali:
         # nvJPEG with the hardware decoder where present; fancy upsampling matches libjpeg.
         device, pinned = self.padding
         return {"device": "mixed", "device_memory_padding": device, "host_memory_padding": pinned,
-                "hw_decoder_load": 0.65, "jpeg_fancy_upsampling": True}
+                "hw_decoder_load": hardware_decoder_share(self.device), "jpeg_fancy_upsampling": True}
 
     def normalize(self, images, pre: Preprocess, mirror=None):
         """uint8 HWC -> float32 CHW (x - 255 mean) / (255 std), flipped where `mirror` is 1."""
@@ -258,7 +272,9 @@ def _rebuild(d: _Dali, graph: bytes, batch_size: int, seed: int, checkpoint: byt
                                   exec_pipelined=True, exec_async=True, exec_dynamic=True)
 
 
-def _val_pipeline(d: _Dali, pre: Preprocess, files, labels, batch_size: int):
+def _resize_center_crop(d: _Dali, pre: Preprocess, jpegs, images):
+    """The crop protocol: torchvision `Resize(pre.val_resize)` + `CenterCrop(pre.val_img_size)`,
+    with its rounding of the resized sides and of the crop offsets."""
     fn, types = d.fn, d.types
     size, short = pre.val_img_size, pre.val_resize
 
@@ -267,25 +283,38 @@ def _val_pipeline(d: _Dali, pre: Preprocess, files, labels, batch_size: int):
         q = diff // 2
         return q + (diff % 2) * (q % 2)
 
+    shape = fn.peek_image_shape(jpegs, adjust_orientation=False)  # H, W, C
+    h, w = shape[0], shape[1]
+    wide = h <= w  # torchvision Resize(short): short side -> `short`, long -> int(short*long/short)
+    new_h = wide * short + (1 - wide) * ((short * h) // w)
+    new_w = wide * ((short * w) // h) + (1 - wide) * short
+    images = fn.resize(images, resize_x=fn.cast(new_w, dtype=types.FLOAT),
+                       resize_y=fn.cast(new_h, dtype=types.FLOAT), antialias=True,
+                       interp_type=_interp(types, pre.interpolation))
+    start = fn.cast(fn.stack(tv_round_half_even(new_h - size), tv_round_half_even(new_w - size)),
+                    dtype=types.INT32)
+    return fn.slice(images, start=start, shape=[size, size], axis_names="HW",
+                    out_of_bounds_policy="pad")
+
+
+def _squash(d: _Dali, pre: Preprocess, jpegs, images):
+    """The squash protocol: torchvision `Resize((size, size))`, the whole image, aspect not kept."""
+    size = float(pre.val_img_size)
+    return d.fn.resize(images, resize_x=size, resize_y=size, antialias=True,
+                       interp_type=_interp(d.types, pre.interpolation))
+
+
+def _val_pipeline(d: _Dali, pre: Preprocess, files, labels, batch_size: int):
+    fn, types = d.fn, d.types
+    resize = _squash if pre.val_resize_mode == "squash" else _resize_center_crop
+
     @d.pipeline_def
     def pipeline():
         jpegs, targets = fn.readers.file(files=files, labels=labels, random_shuffle=False,
                                          pad_last_batch=True, name="Reader")
-        shape = fn.peek_image_shape(jpegs, adjust_orientation=False)  # H, W, C
-        h, w = shape[0], shape[1]
-        wide = h <= w  # torchvision Resize(short): short side -> `short`, long -> int(short*long/short)
-        new_h = wide * short + (1 - wide) * ((short * h) // w)
-        new_w = wide * ((short * w) // h) + (1 - wide) * short
         images = fn.decoders.image(jpegs, output_type=types.RGB, adjust_orientation=False,
                                    **d.decoder_kwargs())
-        images = fn.resize(images, resize_x=fn.cast(new_w, dtype=types.FLOAT),
-                           resize_y=fn.cast(new_h, dtype=types.FLOAT), antialias=True,
-                           interp_type=_interp(types, pre.interpolation))
-        start = fn.cast(fn.stack(tv_round_half_even(new_h - size), tv_round_half_even(new_w - size)),
-                        dtype=types.INT32)
-        images = fn.slice(images, start=start, shape=[size, size], axis_names="HW",
-                          out_of_bounds_policy="pad")
-        images = d.normalize(images, pre)
+        images = d.normalize(resize(d, pre, jpegs, images), pre)
         if d.gpu:
             targets = targets.gpu()
         return images, targets
