@@ -224,3 +224,14 @@ def test_real_photos_loss_falls_and_top1_beats_chance(tmp_path):
     top1 = [r["val/top1"] for r in records if r["kind"] == "val"]
     assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3, losses
     assert max(top1) > 20.0, top1  # chance is 10%
+
+
+def test_a_warmup_as_long_as_the_run_and_too_many_workers_are_said_once(tmp_path, digits):
+    proc = train(tiny_overrides(tmp_path / "run", digits, **{
+        "train.epochs": 1, "train.steps_per_epoch": 2, "optim.schedule": "cosine",
+        "optim.warmup_epochs": 1,
+        "data.workers": 999}))
+    assert proc.returncode == 0, proc.stderr
+    assert "optim.warmup_epochs=1 is not shorter than train.epochs=1" in proc.stdout
+    assert proc.stdout.count(f"data.workers=999 is more than the {len(os.sched_getaffinity(0))} "
+                             f"CPU(s) available") == 1
