@@ -4,7 +4,7 @@ Debian's `slurm-wlm` 22.05 and `munge` (installed with apt when missing and we a
 daemons write lives in one fresh folder: the munge key and socket, slurm.conf, state, spool, pid and log
 files. Ports are picked free at start, so a second cluster (a second test run) does not collide with
 this one. The daemons run in the foreground as our own children; `stop()` cancels the cluster's jobs and
-ends each daemon by the PID we started. Configuration measured in ../shared/FACTS.md:
+ends each daemon by the PID we started. Configuration (measured with Debian 12's slurm-wlm 22.05):
 proctrack/linuxproc, task/none, select/cons_tres with CR_CPU, accounting off.
 
 The node also declares 8 count-only GPUs (`Gres=gpu:8`, no device files), so the job scripts' real
@@ -153,13 +153,13 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
                                             start_new_session=True)  # our signals stay ours
         out.close()
 
-    def run(self, *argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    def run(self, *argv: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
         r = subprocess.run(list(argv), env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and r.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}): {r.stderr.strip()}")
         return r
 
-    def start(self, timeout: float = 60) -> "Cluster":
+    def start(self, timeout: float = 300) -> "Cluster":
         ensure_installed()
         self._write_files()
         m = self.root / "munge"
@@ -167,7 +167,7 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
                                f"--socket={m}/munge.socket", f"--key-file={m}/munge.key",
                                f"--pid-file={m}/munged.pid", f"--seed-file={m}/munged.seed",
                                f"--log-file={self.log_dir}/munged.log"])
-        self._wait(lambda: (m / "munge.socket").exists(), 15, "munged socket")
+        self._wait(lambda: (m / "munge.socket").exists(), timeout, "munged socket")
         self._spawn("slurmctld", [_sbin("slurmctld"), "-D", "-i", "-f", str(self.conf)])
         self._wait(lambda: self.run("scontrol", "ping", check=False).stdout.count("UP") > 0, timeout,
                    "slurmctld to answer ping")
@@ -223,7 +223,7 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
     # -- jobs ----------------------------------------------------------------------------------
     def sbatch(self, *args: str, env: dict | None = None, cwd: str | Path | None = None) -> int:
         r = subprocess.run(["sbatch", "--parsable", *args], env={**self.env, **(env or {})}, cwd=cwd,
-                           capture_output=True, text=True, timeout=30)
+                           capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             raise RuntimeError(f"sbatch {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
         return int(r.stdout.strip().split(";")[0])
@@ -235,15 +235,33 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
             return {}
         return dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv)
 
+    @staticmethod
+    def step_processes(job_id: int) -> list[int]:
+        """PIDs of this job's slurmstepd processes on this (the only) node: each names itself
+        `slurmstepd: [<job id>.<step>]`, the batch step included."""
+        prefix = f"slurmstepd: [{job_id}.".encode()
+        pids = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(prefix):
+                    pids.append(int(proc.name))
+            except OSError:  # exited while we looked
+                continue
+        return pids
+
     FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
              "DEADLINE", "PREEMPTED")
 
     def wait(self, job_id: int, until=FINAL, timeout: float = 300, poll: float = 1.0,
              release_after: float | None = 3.0) -> dict[str, str]:
         """Poll `scontrol show job` every `poll` s (much faster than `sbatch --wait`) until JobState is in
-        `until` (or `until(info)` is true, for a callable). SLURM holds a requeued job ~2 min (Reason=BeginTime) so that its previous start can
-        finish reporting; after `release_after` s of that hold we release it (`StartTime=now`). Releasing
-        at once is not safe: the old batch step's exit status can land on the new start (measured)."""
+        `until` (or `until(info)` is true, for a callable). `timeout` s is a hang guard.
+
+        SLURM holds a requeued job ~2 min (Reason=BeginTime) so that its previous start can finish
+        reporting; we release it (`StartTime=now`) once that start's slurmstepd processes have exited
+        (they send the old batch step's exit status, which would otherwise land on the new start:
+        measured when releasing at once) and `release_after` s of hold have passed. The first condition
+        is what makes it safe on a loaded machine, where the old steps take longer to end."""
         t0, held_since = time.monotonic(), None
         while True:
             info = self.job(job_id)
@@ -251,7 +269,8 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
                 return info
             if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
                 held_since = held_since or time.monotonic()
-                if release_after is not None and time.monotonic() - held_since >= release_after:
+                if (release_after is not None and time.monotonic() - held_since >= release_after
+                        and not self.step_processes(job_id)):
                     self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
                     held_since = None
             else:

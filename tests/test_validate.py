@@ -24,7 +24,7 @@ from tresnet_train.models import create_model
 from tresnet_train.validation import main
 
 JSON_KEYS = {"model", "checkpoint", "top1", "top5", "loss", "num_images", "img_size", "crop_pct",
-             "backend", "images_per_s"}
+             "resize_mode", "backend", "images_per_s"}
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +58,11 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def independent_eval(state_dict: dict, val_dir: Path, img_size: int = 32, crop_pct: float = 0.875):
+def independent_eval(state_dict: dict, val_dir: Path, img_size: int = 32, crop_pct: float = 0.875,
+                     squash: bool = False):
     """A plain loop with the same preprocessing, written from scratch: PIL RGB, short side to
-    floor(img_size / crop_pct) (bilinear), center crop, [0, 1] (TResNet: no mean/std)."""
+    floor(img_size / crop_pct) (bilinear), center crop, [0, 1] (TResNet: no mean/std); with
+    `squash`, the whole image to img_size x img_size instead (the official TResNet 448 protocol)."""
     model = create_model("tresnet_tiny", num_classes=10)
     model.load_state_dict(state_dict)
     model.eval()
@@ -71,7 +73,10 @@ def independent_eval(state_dict: dict, val_dir: Path, img_size: int = 32, crop_p
         for path in sorted((val_dir / cls).iterdir()):
             img = Image.open(path).convert("RGB")
             w, h = img.size
-            size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+            if squash:
+                size = (img_size, img_size)  # the center crop below then takes it all
+            else:
+                size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
             img = img.resize(size, Image.BILINEAR)
             left, top = round((size[0] - img_size) / 2), round((size[1] - img_size) / 2)
             img = img.crop((left, top, left + img_size, top + img_size))
@@ -114,12 +119,34 @@ def test_top1_equals_trainer_log_and_an_independent_loop(tmp_path, trained, digi
     assert rc == 0 and result["weights"] == state["best_source"]
 
 
-def test_dali_backend_agrees_with_torch(tmp_path, trained, digits):
+def test_squash_protocol_equals_an_independent_loop(tmp_path, trained, digits, capsys):
+    """--resize squash (the official TResNet 448 evaluation): the whole image to img_size^2, no crop;
+    the JSON and the printed table say so."""
+    ckpt = trained / "last.pth"
+    common = ("--ckpt", str(ckpt), "--data", str(digits), "--no-ema", "--backend", "torch")
+    capsys.readouterr()
+    _, crop = validate(tmp_path, *common, name="crop")  # the default
+    assert crop["resize_mode"] == "crop"
+    assert "preprocess  crop: resize 36, center crop 32 (crop_pct 0.875)" in capsys.readouterr().out
+    rc, result = validate(tmp_path, *common, "--resize", "squash", "--predictions",
+                          str(tmp_path / "pred.csv"), name="squash")
+    assert rc == 0 and (result["resize_mode"], result["img_size"], result["resize"],
+                        result["crop_pct"]) == ("squash", 32, 32, None)
+    assert "preprocess  squash: resize to 32x32, no crop" in capsys.readouterr().out
+    top1, preds = independent_eval(load(ckpt)["model"], digits / "val", squash=True)
+    assert result["top1"] == pytest.approx(top1, abs=1e-9)
+    assert {"/".join(Path(r["path"]).parts[-2:]): r["pred"] for r in read_csv(tmp_path / "pred.csv")} == preds
+    assert result["loss"] != crop["loss"]  # the digits are 32 px squares: squash skips crop's zoom
+
+
+@pytest.mark.parametrize("resize", ["crop", "squash"])
+def test_dali_backend_agrees_with_torch(tmp_path, trained, digits, resize):
     pytest.importorskip("nvidia.dali")
-    args = ("--ckpt", str(trained / "last.pth"), "--data", str(digits), "--no-ema")
+    args = ("--ckpt", str(trained / "last.pth"), "--data", str(digits), "--no-ema", "--resize", resize)
     _, torch_result = validate(tmp_path, *args, "--backend", "torch", name="torch")
     rc, dali_result = validate(tmp_path, *args, "--backend", "dali", name="dali")
     assert rc == 0 and dali_result["backend"] == "dali" and dali_result["num_images"] == 359
+    assert dali_result["resize_mode"] == torch_result["resize_mode"] == resize
     # same resize rule, different resampling code: a few borderline digits may flip
     assert abs(dali_result["top1"] - torch_result["top1"]) <= 2.0
 
@@ -213,6 +240,7 @@ def test_class_count_mismatch_is_one_clear_line_and_exit_2(tmp_path, trained, di
 @pytest.mark.parametrize("args, needle", [
     (["--img-size", "0"], "--img-size must be > 0"),
     (["--crop-pct", "1.5"], "--crop-pct must be in (0, 1]"),
+    (["--resize", "squash", "--crop-pct", "0.9"], "--crop-pct applies to --resize crop"),
     (["--model", "tresnet_mm"], "Unknown model 'tresnet_mm'"),
     (["--data", "/nonexistent/folder"], "folder not found"),
     (["--data", "TRAIN_ONLY"], "has train/ but no val/"),

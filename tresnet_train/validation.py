@@ -300,7 +300,8 @@ def write_predictions(path: str | Path, rows, split, classes: list[str]) -> None
 
 
 def describe_preprocess(r: dict) -> str:
-    """The eval protocol in words, e.g. `crop: resize 256, center crop 224 (crop_pct 0.875, ...)`."""
+    """The eval protocol in words: `crop: resize 256, center crop 224 (crop_pct 0.875), bilinear, dali
+    backend` or `squash: resize to 448x448, no crop, bilinear, dali backend`."""
     if r["resize_mode"] == "squash":
         size = f"squash: resize to {r['img_size']}x{r['img_size']}, no crop"
     else:

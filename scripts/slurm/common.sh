@@ -30,15 +30,24 @@
 PYTHON=${PYTHON:-python}          # the interpreter of your environment (activate it before sbatch)
 MAX_REQUEUES=${MAX_REQUEUES:-100}  # safety valve against a requeue loop
 
-# resolve_run_dir ARGS...: RUN_DIR from a `run.output_dir=` override, else $RUN_DIR, else
-# runs/<job name>-<job id>. Sets OUTPUT_OVERRIDE to the override to append (none if it was given).
+# resolve_run_dir ARGS...: RUN_DIR, the folder train.py will write to: a `run.output_dir=` override,
+# else $RUN_DIR (then appended as that override: OUTPUT_OVERRIDE), else the config's run.output_dir
+# (scripts/slurm/run_dir.py reads it as train.py does). One fixed folder per config, as with torchrun:
+# a requeued start resumes from it, and configs/tresnet_m_448.yaml finds runs/tresnet_m/best.pth.
+# Returns 2 on a config error (its message goes to the job's --output file).
 resolve_run_dir() {
-  OUTPUT_OVERRIDE=("run.output_dir=${RUN_DIR:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}")
-  local arg
+  OUTPUT_OVERRIDE=()
+  local arg given=""
   for arg in "$@"; do
-    case "$arg" in run.output_dir=*) RUN_DIR=${arg#run.output_dir=}; OUTPUT_OVERRIDE=() ;; esac
+    case "$arg" in run.output_dir=*) given=${arg#run.output_dir=} ;; esac
   done
-  RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}
+  if [ -n "$given" ]; then
+    RUN_DIR=$given
+  elif [ -n "${RUN_DIR:-}" ]; then
+    OUTPUT_OVERRIDE=("run.output_dir=$RUN_DIR")
+  else
+    RUN_DIR=$("$PYTHON" scripts/slurm/run_dir.py "$@") || return
+  fi
   mkdir -p "$RUN_DIR"
 }
 

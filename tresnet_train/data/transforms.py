@@ -1,8 +1,11 @@
 """Preprocessing settings shared by both backends, and the torchvision/timm transforms (torch backend).
 
 Train: random-resized-crop (scale from data.scale, aspect 3/4..4/3), horizontal flip, optional timm
-RandAugment (same hyper-parameters as timm's `create_transform`). Eval: resize the shorter side to
-floor(img_size / crop_pct), center crop img_size (timm's eval transform). Images leave the workers as
+RandAugment (same hyper-parameters as timm's `create_transform`). Eval, two protocols: `crop` resizes
+the shorter side to floor(img_size / crop_pct) and center-crops img_size (timm's eval transform, the
+trainer's); `squash` resizes the whole image to img_size x img_size, aspect not kept, no crop (the
+official TResNet evaluation at 448: `transforms.Resize((448, 448))` in Alibaba-MIIL/TResNet's
+src/helper_functions/helper_functions.py). Images leave the workers as
 uint8 CHW tensors and are normalised on the device ((x / 255 - mean) / std; TResNet: mean 0, std 1).
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ from PIL import Image, ImageOps
 
 _INTERP = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
            "nearest": T.InterpolationMode.NEAREST}
+VAL_RESIZE_MODES = ("crop", "squash")  # eval protocols, see the module docstring
 
 
 @dataclass(frozen=True)
@@ -31,10 +35,19 @@ class Preprocess:
     scale: tuple[float, float]  # random-resized-crop area range
     hflip: float
     randaugment: str  # timm spec or ""
+    val_resize_mode: str = "crop"  # crop (timm, the trainer) | squash (official TResNet 448)
+
+    def __post_init__(self):
+        if self.val_resize_mode not in VAL_RESIZE_MODES:
+            raise ValueError(f"val_resize_mode={self.val_resize_mode!r}: expected one of "
+                             f"{', '.join(VAL_RESIZE_MODES)}")
 
     @property
     def val_resize(self) -> int:
-        """Shorter side before the center crop (timm: floor(img_size / crop_pct))."""
+        """Shorter side after the eval resize, pixels: floor(img_size / crop_pct) before the center
+        crop (crop, timm's rounding), img_size (squash: both sides, nothing cropped)."""
+        if self.val_resize_mode == "squash":
+            return self.val_img_size
         return math.floor(self.val_img_size / self.crop_pct)
 
     @classmethod
@@ -104,5 +117,9 @@ def train_transform(pre: Preprocess) -> T.Compose:
 
 
 def eval_transform(pre: Preprocess) -> T.Compose:
-    return T.Compose([T.Resize(pre.val_resize, interpolation=_INTERP[pre.interpolation]),
-                      T.CenterCrop(pre.val_img_size), T.PILToTensor()])
+    interp = _INTERP[pre.interpolation]
+    if pre.val_resize_mode == "squash":
+        size = [T.Resize((pre.val_img_size, pre.val_img_size), interpolation=interp)]
+    else:
+        size = [T.Resize(pre.val_resize, interpolation=interp), T.CenterCrop(pre.val_img_size)]
+    return T.Compose([*size, T.PILToTensor()])
