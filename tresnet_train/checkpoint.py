@@ -123,12 +123,12 @@ def load(path: str | Path, mmap: bool = False) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a PyTorch checkpoint: {not_a_checkpoint}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and "
-                              f"plain data, which could run code when unpickled ({detail}). Use a "
-                              f"checkpoint written by train.py, or convert the file to a plain "
-                              f"state dict on a machine where you trust it.") from None
+    except pickle.UnpicklingError:  # torch's own message advises weights_only=False: not repeated
+        raise CheckpointError(f"refusing to load {path}: it is not a weights-only file (it holds "
+                              f"objects other than tensors and plain data, which could run code "
+                              f"when unpickled). Use a checkpoint written by train.py, or convert "
+                              f"the file to a plain state dict on a machine where you trust it.") \
+            from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else 'no detail'}); use another "
