@@ -62,10 +62,15 @@ def pick_device(preference: str, world: World) -> torch.device:
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("run.device=cuda but CUDA is not available; use run.device=auto or cpu")
-        index = world.local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
+        device = local_gpu(world)
+        torch.cuda.set_device(device.index)
+        return device
     return torch.device("cpu")
+
+
+def local_gpu(world: World) -> torch.device:
+    """This process's GPU: the local rank modulo the devices it sees (see `pick_device`)."""
+    return torch.device("cuda", world.local_rank % torch.cuda.device_count())
 
 
 def init_distributed(preference: str = "auto", timeout_min: float = RunConfig.dist_timeout_min

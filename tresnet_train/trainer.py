@@ -29,7 +29,7 @@ from .config import Config, ConfigError, dump_yaml, to_dict
 from .data import DataError, build_loaders, scan_image_folder
 from .data.digits import check_digits_root
 from .distributed import (World, all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup,
-                          gather_objects, init_distributed, world_from_env)
+                          gather_objects, init_distributed, local_gpu, world_from_env)
 from .engine import NoEMA, StepParts, evaluate, train_one_epoch
 from .logs import MetricsLog, Progress, duration, setup_console
 from .losses import build_batch_augment, build_criterion
@@ -58,9 +58,8 @@ def preflight(cfg: Config) -> list[str] | None:
     except UnknownModelError as e:
         raise ConfigError(f"config key 'model.name': {e}") from None
     if cfg.run.device != "cpu" and torch.cuda.is_available():  # the GPU this process will take
-        gpu = torch.device("cuda", world_from_env().local_rank % torch.cuda.device_count())
         try:
-            resolve_amp(cfg.train.amp, gpu)
+            resolve_amp(cfg.train.amp, local_gpu(world_from_env()))
         except PrecisionError as e:
             raise ConfigError(str(e)) from None
     for key, path in (("model.pretrained", cfg.model.pretrained),
@@ -159,9 +158,10 @@ def speed_choices(cfg: Config, device: torch.device, world: World, precision: Pr
     cuda = device.type == "cuda"
     iabn = bool(inplace_abn_layers(model))
     norm = "InPlace-ABN" if iabn else "BatchNorm"
-    norm_why = ("auto: CUDA and inplace_abn installed" if iabn else
-                "auto: " + ("inplace_abn not installed" if cuda else "CPU")) \
-        if cfg.model.norm == "auto" else "as configured"
+    norm_why = "as configured"
+    if cfg.model.norm == "auto":
+        norm_why = ("auto: CUDA and inplace_abn installed" if iabn else
+                    "auto: inplace_abn not installed" if cuda else "auto: CPU")
     parts = [device_line(device, world),
              f"precision {precision.amp} ({precision.reason})",
              f"TF32 {on[cuda and cfg.run.tf32]} (run.tf32{'' if cuda else '; CUDA only'})",
