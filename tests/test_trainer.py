@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -130,15 +131,21 @@ def test_a_second_ctrl_c_exits_at_once_leaving_whole_checkpoints(tmp_path, digit
          "configs/demo.yaml", *tiny_overrides(out, digits, **{"run.ckpt_every_steps": 1})],
         cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)
+    lines = []  # read beside the run: the test must see the first Ctrl-C handled before the second
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     wait_for_step(out / "last.pth", 2, proc)  # the 3rd write will hang
     os.killpg(proc.pid, signal.SIGINT)
     deadline = time.time() + 900  # a hang guard, not a pace
-    while not marker.exists():
-        assert proc.poll() is None and time.time() < deadline
+    # Two SIGINTs that arrive before Python runs its handler count as one, so wait for the first
+    # one's line as well as for the hanging write.
+    while not (marker.exists() and any("Ctrl-C: writing a checkpoint" in line for line in lines)):
+        assert proc.poll() is None and time.time() < deadline, "".join(lines)
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=900) == 130
-    output = proc.stdout.read()
+    reader.join(timeout=900)  # it ends at the end of the output
+    output = "".join(lines)
     assert "second Ctrl-C: exiting now" in output and "Traceback" not in output, output
     assert load(out / "last.pth")["global_step"] == 2  # the previous checkpoint, whole
 
