@@ -331,6 +331,8 @@ def test_launcher_exit_code_keeps_a_stop_and_any_real_failure():
     assert code(75, 1) == 1 and code(1, 75) == 1  # a crash is never read as a stop
     assert code(-15, -15) == 143  # terminated without any stop: not resumable by this rule
     assert code(-9, 75) == 137
+    assert code(130, 130) == 130 and code(-15, 130) == 130  # Ctrl-C: both ranks checkpointed
+    assert code(130, 1) == 1
 
 
 def test_run_dir_is_the_folder_train_py_would_use(tmp_path):

@@ -197,6 +197,26 @@ def test_two_processes_match_and_resume_exactly(tmp_path, digits):
     assert_same_weights(load(out / "last.pth"), load(ref / "last.pth"))
 
 
+def test_ctrl_c_under_the_launcher_is_one_line_and_exit_130_on_two_processes(tmp_path, digits):
+    """scripts/slurm/launch.py (torchrun's arguments) passes Ctrl-C on: both ranks checkpoint at the
+    same step, the launcher exits 130 without a traceback, and the run resumes from that step."""
+    out = tmp_path / "run"
+    overrides = tiny_overrides(out, digits, **{"run.ckpt_every_steps": 1})
+    command = [sys.executable, "scripts/slurm/launch.py", "--standalone", "--nproc_per_node=2",
+               "train.py", "--config", "configs/demo.yaml", *overrides]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait_for_step(out / "last.pth", 3, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the launcher's group, not the workers'
+    assert proc.wait(timeout=900) == 130
+    output = proc.stdout.read()
+    assert output.count("Ctrl-C: writing a checkpoint") == 1 and "Traceback" not in output, output
+    stopped = load(out / "last.pth")
+    resumed = train(overrides, nproc=2)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"step {stopped['step_in_epoch']}" in resumed.stdout
+
+
 def test_validation_counts_each_image_once_with_two_processes(tmp_path, digits, reference):
     """An odd-sized val set: top-1 with 2 processes equals top-1 with 1 (no padded duplicates)."""
     ref_out, _ = reference

@@ -18,6 +18,10 @@ So this launcher runs torch's own `torch.distributed.run` with two changes:
      the first worker exits 75, torchrun terminates the rest, and a worker still finalizing the Python
      interpreter (its handlers reset to the default) dies of that SIGTERM. Nothing is lost by then: the
      trainer exits 75 only after all ranks passed a barrier behind the written checkpoint.
+  3. Ctrl-C (SIGINT) is passed on the same way: the workers write a checkpoint at the next step and exit
+     130, and so does the launcher, with the trainer's one line and no launcher traceback (plain torchrun
+     raises SignalException and prints its stack). A second Ctrl-C reaches the workers too, which then
+     exit at once.
 Everything else (rendezvous, --nproc-per-node, --shutdown-timeout, ...) is torchrun's.
 """
 from __future__ import annotations
@@ -29,8 +33,9 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, run
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 STOPPED = 75  # the trainer's "checkpointed on a signal, resume me" exit code
+INTERRUPTED = 130  # the trainer's "checkpointed on Ctrl-C" exit code
 
 
 def _children() -> list[int]:
@@ -58,17 +63,18 @@ def exit_code(failures: dict) -> int:
     codes = [f.exitcode for _, f in sorted(failures.items())]
     codes = [128 - c if c < 0 else c for c in codes]  # -N: killed by signal N
     terminated = 128 + signal.SIGTERM
-    others = [c for c in codes if c not in (STOPPED, terminated)]
-    if STOPPED in codes and not others:
-        return STOPPED
-    others = [c for c in codes if c != STOPPED]
-    return others[0] if others else STOPPED
+    for stop in (STOPPED, INTERRUPTED):
+        if stop in codes and all(c in (stop, terminated) for c in codes):
+            return stop
+    others = [c for c in codes if c not in (STOPPED, INTERRUPTED)]
+    return others[0] if others else codes[0]
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     handled = [s.strip() for s in args.signals_to_handle.split(",")]
-    args.signals_to_handle = ",".join(s for s in handled if s not in ("SIGTERM", "SIGUSR1"))
+    ours = {sig.name for sig in STOP_SIGNALS}
+    args.signals_to_handle = ",".join(s for s in handled if s not in ours)
     for sig in STOP_SIGNALS:  # a handler, not SIG_IGN: workers start with the default action again
         signal.signal(sig, _pass_on)
     try:
@@ -76,7 +82,8 @@ def main(argv: list[str]) -> int:
     except ChildFailedError as e:
         codes = {rank: f.exitcode for rank, f in sorted(e.failures.items())}
         rc = exit_code(e.failures)
-        print(f"launch.py: workers exited with {codes}; exit code {rc}", file=sys.stderr, flush=True)
+        if rc != INTERRUPTED:  # after Ctrl-C the trainer's own line says it all
+            print(f"launch.py: workers exited with {codes}; exit code {rc}", file=sys.stderr, flush=True)
         return rc
     return 0
 
