@@ -186,3 +186,19 @@ def _dist_main(root: str, backend: str, out_dir: str) -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
     _dist_main(*sys.argv[1:4])
+
+
+def index_as_rank(rank: int, store: str, root: str, cache: str, out: str) -> None:
+    """One of two gloo ranks indexing `root/train`; writes how many files it checked and its result."""
+    import torch.distributed as dist
+
+    from tresnet_train.data import folder as folder_mod
+    from tresnet_train.data import index_split
+    os.environ["TRESNET_TRAIN_CACHE"] = cache
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    checked, real_check = [], folder_mod.check_image
+    folder_mod.check_image = lambda path: checked.append(path) or real_check(path)
+    split = index_split(root, "train")
+    Path(f"{out}.{rank}").write_text(json.dumps({"checked": checked, "skipped": split.skipped,
+                                                 "samples": len(split.samples)}))
+    dist.destroy_process_group()

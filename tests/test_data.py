@@ -21,8 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data_helpers import (REPO, make_id_folder, make_odd_folder, make_photo_folder, photo,
-                          real_photos)
+from data_helpers import (REPO, index_as_rank, make_id_folder, make_odd_folder, make_photo_folder,
+                          photo, real_photos)
 from tresnet_train.config import Config
 from tresnet_train.data import (DataError, build_loaders, check_image, index_split,
                                 scan_image_folder)
@@ -121,10 +121,57 @@ def test_index_caches_the_check_and_names_skipped_files(tmp_path, monkeypatch, c
     monkeypatch.setattr(folder_mod, "check_image", lambda path: pytest.fail(f"re-checked {path}"))
     again = index_split(tmp_path, "train")
     assert again.samples == split.samples and again.skipped == split.skipped
-    # a changed file list invalidates the cache
+    # a new file and a changed one (same size, new modification time) are checked again and named;
+    # the other files keep their cached result
     (tmp_path / "train/b/extra.JPEG").write_bytes(b"")
-    monkeypatch.setattr(folder_mod, "check_image", lambda path: None if "extra" not in path else "x")
-    assert len(index_split(tmp_path, "train").skipped) == 1
+    touched = tmp_path / "train" / os.path.relpath(split.samples[0][0], tmp_path / "train")
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    checked = []
+    monkeypatch.setattr(folder_mod, "check_image",
+                        lambda path: checked.append(path) or ("x" if "extra" in path else None))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tresnet_train.data.folder"):
+        changed = index_split(tmp_path, "train")
+    assert sorted(checked) == sorted([str(touched), str(tmp_path / "train/b/extra.JPEG")])
+    assert "2 file(s) new or changed" in caplog.text and "b/extra.JPEG" in caplog.text
+    assert len(changed.skipped) == len(split.skipped) + 1
+    checked.clear()
+    index_split(tmp_path, "train")  # and the cache now holds them
+    assert checked == []
+
+
+def test_listing_is_torchvisions_imagefolder_order_held_compactly(tmp_path):
+    """Nested folders, upper-case and odd extensions, non-images, a symlinked folder: the same
+    (path, label) list as torchvision's make_dataset, from arrays rather than a tuple per file."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+    for rel in ["b/z.JPEG", "b/a.jpg", "b/A.PNG", "b/notes.txt", "b/sub/x.jpeg", "b/sub/deeper/y.webp",
+                "b/Sub2/w.JPEG", "a/1.JPEG", "a/10.JPEG", "a/2.JPEG", "c d/space name.JPEG"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "linked.JPEG").write_bytes(b"x")
+    (tmp_path / "a" / "link").symlink_to(tmp_path / "elsewhere")
+    classes = ["a", "b", "c d"]
+    samples = folder_mod._list_split(tmp_path, classes)
+    expected = make_dataset(str(tmp_path), {c: i for i, c in enumerate(classes)}, extensions=IMG_EXTENSIONS)
+    assert list(samples) == expected and len(samples) == len(expected) == 11
+    assert samples[3] == expected[3] and samples[-1] == expected[-1] and samples[1:3] == expected[1:3]
+    assert isinstance(samples.labels, np.ndarray) and isinstance(samples.names, bytes)
+    assert samples.without({"b/a.jpg", "a/10.JPEG"}) == [s for s in expected if not
+                                                        s[0].endswith(("b/a.jpg", "a/10.JPEG"))]
+
+
+def test_two_ranks_share_the_check_each_reading_half(tmp_path):
+    info = make_odd_folder(tmp_path / "data")
+    torch.multiprocessing.spawn(index_as_rank, nprocs=2, args=(
+        str(tmp_path / "store"), str(tmp_path / "data"), str(tmp_path / "cache"), str(tmp_path / "out")))
+    ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
+    assert ranks[0]["skipped"] == ranks[1]["skipped"] and len(ranks[0]["skipped"]) == 3
+    assert ranks[0]["samples"] == ranks[1]["samples"] == info["decodable"]["train"]
+    total = info["decodable"]["train"] + 3
+    assert not set(ranks[0]["checked"]) & set(ranks[1]["checked"])  # no file read twice
+    assert len(ranks[0]["checked"]) + len(ranks[1]["checked"]) == total
+    assert abs(len(ranks[0]["checked"]) - len(ranks[1]["checked"])) <= 1
 
 
 def test_strict_turns_bad_files_into_a_clear_error(tmp_path):
