@@ -91,5 +91,5 @@ def test_dali_decodes_on_the_device_the_process_uses(tmp_path, gpus, visible, lo
     device = pick_device("auto", World(local_rank=local_rank, world_size=8))
     image = tmp_path / "a.JPEG"
     photo(64, 48, seed=0).save(image)
-    d = _Dali(device, workers=2, paths=[str(image)], largest=True)  # builds no pipeline: no CUDA
+    d = _Dali(device, workers=2, samples=[(str(image), 0)], largest=True)  # builds no pipeline: no CUDA
     assert d.gpu and d.device_id == index

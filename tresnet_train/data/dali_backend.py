@@ -34,6 +34,7 @@ import shutil
 import tempfile
 import warnings
 import weakref
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -166,7 +167,7 @@ def describe_preallocation(threads: int, *paddings: tuple[int, int]) -> str:
 class _Dali:
     """Lazy DALI imports (the package is optional), the device choice and the decoder's buffers.
 
-    `paths` and `largest` size nvJPEG's per-thread buffers (GPU only; a CPU run reads no headers).
+    `samples` and `largest` size nvJPEG's per-thread buffers (GPU only; a CPU run reads no headers).
     Train (`largest=True`) reserves room for the largest of the 1024 sampled images, about the
     99.9th percentile: a thread decoding ~20,000 images an epoch (ImageNet, 8 GPUs x 8 threads)
     meets images that large ~20 times an epoch and its buffers would grow to them anyway, so
@@ -177,7 +178,8 @@ class _Dali:
     all reserving room for it from the start.
     """
 
-    def __init__(self, device: torch.device, workers: int, paths: list[str], largest: bool):
+    def __init__(self, device: torch.device, workers: int, samples: Sequence[tuple[str, int]],
+                 largest: bool):
         import nvidia.dali.fn as fn
         import nvidia.dali.types as types
         from nvidia.dali import pipeline_def
@@ -194,7 +196,8 @@ class _Dali:
         self.threads = max(1, workers)
         self.padding = (0, 0)  # (device, pinned) bytes per decoder thread; none on CPU
         if self.gpu:
-            pixels = sample_pixels(paths, self.threads)
+            spread = samples[::max(1, len(samples) // _SIZE_SAMPLE)]  # not a list of every path
+            pixels = sample_pixels([path for path, _ in spread], self.threads)
             self.padding = decoder_padding(pixels[-1] if largest else pixels[len(pixels) // 2])
 
     def decoder_kwargs(self) -> dict:
@@ -343,7 +346,7 @@ class DaliTrainLoader(ResumableTrainLoader):
                  workers: int):
         super().__init__(plan, split.classes, split.skipped)
         self.samples, self.pre, self.device = split.samples, pre, device
-        self._d = _Dali(device, workers, [path for path, _ in self.samples], largest=True)
+        self._d = _Dali(device, workers, self.samples, largest=True)
         self.threads, self.padding = self._d.threads, self._d.padding  # for the start-up line
         self._ra = parse_randaugment(pre.randaugment) if pre.randaugment else None
         if self._ra is not None and not self._d.gpu:
@@ -439,7 +442,7 @@ class DaliValLoader:
         indices, pad = plan.rank_indices()
         self._files = [split.samples[i][0] for i in indices]
         self._labels = [-1 if p else split.samples[i][1] for i, p in zip(indices, pad)]
-        self._d = _Dali(device, workers, [path for path, _ in split.samples], largest=False)
+        self._d = _Dali(device, workers, split.samples, largest=False)
         self.threads, self.padding = self._d.threads, self._d.padding  # for the start-up line
         self._it = None
         self._clean = False  # the last pass ran to the end, so the iterator can be reused
