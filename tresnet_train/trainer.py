@@ -25,7 +25,7 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, dump_yaml, to_dict
+from .config import Config, ConfigError, dump_yaml, report_source, to_dict
 from .data import DataError, build_loaders, scan_image_folder
 from .data.digits import check_digits_root
 from .distributed import (World, all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup,
@@ -273,7 +273,8 @@ class Trainer:
             accum_steps=cfg.optim.accum_steps, seed=cfg.run.seed, rank=self.world.rank)
 
         self.epoch, self.start_step = 0, 0
-        self.best = {"top1": -1.0, "epoch": -1, "source": "model"}
+        self.report = report_source(cfg)  # the headline weights; the other's top-1 is logged too
+        self.best = {"top1": -1.0, "epoch": -1, "source": self.report}
         self.topk = ckpt.TopK(self.out, cfg.run.keep_top_k)
         self.last_val: dict = {}
         self.resume()
@@ -395,9 +396,9 @@ class Trainer:
                 results = self.validate(epoch, time.perf_counter() - t0)
             self.end_of_epoch_checkpoints(epoch, results)
         self.write_summary()
-        log.info("done: best top-1 %.2f%% (%s weights, epoch %d) | wall time %s | checkpoints in %s "
-                 "| metrics in %s | TensorBoard: tensorboard --logdir %s", self.best["top1"],
-                 self.best["source"], self.best["epoch"] + 1, duration(self.wall_s()), self.out,
+        log.info("done: best top-1 %.2f%% (%s weights, train.report; epoch %d) | wall time %s | "
+                 "checkpoints in %s | metrics in %s | TensorBoard: tensorboard --logdir %s",
+                 self.best["top1"], self.best["source"], self.best["epoch"] + 1, duration(self.wall_s()), self.out,
                  self.out / "metrics.jsonl", self.out / "tb")
         return EXIT_OK
 
@@ -490,14 +491,15 @@ class Trainer:
         return results
 
     def end_of_epoch_checkpoints(self, epoch: int, results: dict | None) -> None:
-        """last.pth always; best.pth and top-k when validation ran.
+        """last.pth always; best.pth and top-k when validation ran, ranked by the top-1 of the
+        weights train.report names (timm ranks by the EMA's when there is one), never a max over both.
 
         One state, written once (atomically) as last.pth; best.pth and the top-k file are hard
         links to it. The other ranks wait in a host-side (gloo) barrier meanwhile.
         """
         improved = in_top = False
         if results is not None:
-            source = max(results, key=lambda k: results[k]["top1"])
+            source = self.report
             top1 = results[source]["top1"]
             self.last_val = {f"{k}_{m}": v for k, r in results.items() for m, v in r.items()}
             improved = top1 > self.best["top1"]

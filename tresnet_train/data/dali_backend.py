@@ -85,6 +85,14 @@ def _interp(types, name: str):
             "nearest": types.INTERP_NN}[name]
 
 
+def _train_interp(d: "_Dali", name: str):
+    """The train resize filter; `random` draws bilinear or bicubic per image (timm's train default)."""
+    if name != "random":
+        return _interp(d.types, name)
+    choice = d.fn.random.choice([int(d.types.INTERP_LINEAR), int(d.types.INTERP_CUBIC)])
+    return d.fn.cast(choice, dtype=d.types.INTERP_TYPE)
+
+
 def parse_randaugment(spec: str) -> dict:
     """timm's `rand-m9-n2-mstd0.5-inc1` -> DALI rand_augment arguments.
 
@@ -226,7 +234,7 @@ def _train_pipeline(d: _Dali, pre: Preprocess, ra: dict | None, file_list: str, 
             random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, adjust_orientation=False,
             **d.decoder_kwargs())
         images = fn.resize(images, size=[pre.img_size, pre.img_size], antialias=True,
-                           interp_type=_interp(types, pre.interpolation))
+                           interp_type=_train_interp(d, pre.train_interpolation or pre.interpolation))
         if ra is not None:
             images = d.rand_augment.rand_augment(
                 images, n=ra["n"], m=ra["m"], num_magnitude_bins=11,

@@ -1,7 +1,8 @@
 """Preprocessing settings shared by both backends, and the torchvision/timm transforms (torch backend).
 
-Train: random-resized-crop (scale from data.scale, aspect 3/4..4/3), horizontal flip, optional timm
-RandAugment (same hyper-parameters as timm's `create_transform`). Eval, two protocols: `crop` resizes
+Train: random-resized-crop (scale from data.scale, aspect 3/4..4/3; filter from
+data.train_interpolation, `random` = bilinear or bicubic per image, timm's train.py default), horizontal
+flip, optional timm RandAugment (same hyper-parameters as timm's `create_transform`). Eval, two protocols: `crop` resizes
 the shorter side to floor(img_size / crop_pct) and center-crops img_size (timm's eval transform, the
 trainer's); `squash` resizes the whole image to img_size x img_size, aspect not kept, no crop (the
 official TResNet evaluation at 448: `transforms.Resize((448, 448))` in Alibaba-MIIL/TResNet's
@@ -36,6 +37,7 @@ class Preprocess:
     hflip: float
     randaugment: str  # timm spec or ""
     val_resize_mode: str = "crop"  # crop (timm, the trainer) | squash (official TResNet 448)
+    train_interpolation: str = ""  # train resize: bilinear | bicubic | random ("" = interpolation)
 
     def __post_init__(self):
         if self.val_resize_mode not in VAL_RESIZE_MODES:
@@ -60,7 +62,8 @@ class Preprocess:
                    interpolation=interp, mean=tuple(float(m) for m in data_config.get("mean", (0, 0, 0))),
                    std=tuple(float(s) for s in data_config.get("std", (1, 1, 1))),
                    scale=tuple(data_cfg.scale), hflip=float(data_cfg.hflip),
-                   randaugment=data_cfg.randaugment)
+                   randaugment=data_cfg.randaugment,
+                   train_interpolation=data_cfg.train_interpolation or interp)
 
 
 class Normalize:
@@ -103,14 +106,21 @@ def _pillow_safe(rand_augment):
 
 
 def train_transform(pre: Preprocess) -> T.Compose:
-    interp = _INTERP[pre.interpolation]
-    tfs = [T.RandomResizedCrop(pre.img_size, scale=pre.scale, ratio=(3 / 4, 4 / 3), interpolation=interp),
-           T.RandomHorizontalFlip(pre.hflip)]
+    interp = pre.train_interpolation or pre.interpolation
+    if interp == "random":  # timm's crop: bilinear or bicubic, chosen per image
+        from timm.data.transforms import RandomResizedCropAndInterpolation
+        crop = RandomResizedCropAndInterpolation(pre.img_size, scale=pre.scale, ratio=(3 / 4, 4 / 3),
+                                                 interpolation="random")
+    else:
+        crop = T.RandomResizedCrop(pre.img_size, scale=pre.scale, ratio=(3 / 4, 4 / 3),
+                                   interpolation=_INTERP[interp])
+    tfs = [crop, T.RandomHorizontalFlip(pre.hflip)]
     if pre.randaugment:
         from timm.data.auto_augment import rand_augment_transform
         hparams = {"translate_const": int(pre.img_size * 0.45),
-                   "img_mean": tuple(min(255, round(255 * m)) for m in pre.mean),
-                   "interpolation": F.pil_modes_mapping[interp]}
+                   "img_mean": tuple(min(255, round(255 * m)) for m in pre.mean)}
+        if interp != "random":  # random: timm's ops pick bilinear or bicubic per image themselves
+            hparams["interpolation"] = F.pil_modes_mapping[_INTERP[interp]]
         tfs.append(_pillow_safe(rand_augment_transform(pre.randaugment, hparams)))
     tfs.append(T.PILToTensor())  # uint8 CHW
     return T.Compose(tfs)
