@@ -1,7 +1,7 @@
 """Each recipe's `published:` block, checked against the config it sits in, and the README's table.
 
-A recipe YAML carries, beside its settings, what its source states: `source` (paper, command,
-repository), `recipe` and `expected` (the reported top-1 and its eval protocol), `settings` (every
+A recipe YAML carries, beside its settings, what its source states: `source` (paper, command or
+repository, in a few words), `detail` (the command and what it leaves at defaults), `recipe` and `expected` (the reported top-1 and its eval protocol), `settings` (every
 setting the source states, as a dotted config key and the value it means) and `differences`
 (dotted key: why this config departs from the source there). `drift()` resolves the config (its
 `base:` chain included) and lists every setting that differs without a stated reason, and every
