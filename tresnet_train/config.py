@@ -67,6 +67,9 @@ class DataConfig:
     hflip: float = 0.5  # horizontal flip probability
     train_interpolation: str = ""  # train resize filter: "" (the model's) | bilinear | bicubic | random
     randaugment: str = ""  # timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1 ("" = off)
+    autoaugment: str = ""  # AutoAugment policy: original (Cubuk et al.'s ImageNet policy) | "" (off)
+    color_jitter: float = 0.0  # brightness, contrast, saturation factors from [1 - x, 1 + x] (0 = off)
+    pca_lighting: float = 0.0  # AlexNet PCA lighting noise, std of its 3 coefficients (0 = off)
     random_erasing: float = 0.0  # probability, applied on the batch after the loader
     mixup: float = 0.0  # mixup alpha (0 = off)
     cutmix: float = 0.0  # cutmix alpha (0 = off)
@@ -142,6 +145,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.loss": ("ce", "bce"),
     "train.report": ("auto", "model", "ema"),
     "data.train_interpolation": ("", "bilinear", "bicubic", "random"),
+    "data.autoaugment": ("", "original"),
     "run.device": ("auto", "cuda", "cpu"),
 }
 
@@ -150,7 +154,7 @@ POSITIVE = ("model.num_classes", "data.img_size", "data.batch_size", "optim.lr",
             "optim.accum_steps", "train.val_every", "run.log_every", "data.synthetic_size",
             "run.dist_timeout_min")
 NON_NEGATIVE = ("data.workers", "data.val_img_size", "data.val_batch_size", "data.crop_pct",
-                "data.random_erasing", "data.mixup", "data.cutmix", "data.repeated_aug",
+                "data.random_erasing", "data.mixup", "data.color_jitter", "data.pca_lighting", "data.cutmix", "data.repeated_aug",
                 "optim.weight_decay", "optim.momentum", "optim.warmup_epochs", "optim.clip_grad",
                 "optim.cooldown_epochs",
                 "model.drop_path_rate", "train.label_smoothing", "train.ema_decay",
@@ -293,6 +297,9 @@ def validate(cfg: Config) -> Config:
     if len(cfg.data.scale) != 2 or not 0 < lo <= hi <= 1:
         raise ConfigError(f"config key 'data.scale': expected [min, max] with 0 < min <= max <= 1, "
                           f"got {cfg.data.scale}")
+    if cfg.data.randaugment and cfg.data.autoaugment:
+        raise ConfigError(f"config keys 'data.randaugment' ({cfg.data.randaugment}) and "
+                          f"'data.autoaugment' ({cfg.data.autoaugment}) are both set: keep one")
     if cfg.train.report == "ema" and not cfg.train.ema:
         raise ConfigError("config key 'train.report' is ema but train.ema is false: set "
                           "train.report=model, or train.ema=true")

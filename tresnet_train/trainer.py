@@ -268,7 +268,8 @@ class Trainer:
             model=self.model, train_model=self.train_model, optimizer=self.optimizer,
             schedule=build_schedule(cfg.optim, self.peak_lr, self.steps, cfg.train.epochs),
             criterion=build_criterion(cfg),
-            batch_augment=build_batch_augment(cfg, cfg.model.num_classes, self.device),
+            batch_augment=build_batch_augment(cfg, cfg.model.num_classes, self.device,
+                                              self.data_config.get("std", (1.0, 1.0, 1.0))),
             precision=self.precision, clipper=GradClipper(cfg.optim.clip_grad), ema=self.ema,
             accum_steps=cfg.optim.accum_steps, seed=cfg.run.seed, rank=self.world.rank)
 
