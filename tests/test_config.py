@@ -44,6 +44,7 @@ def test_base_chain_merges_and_child_wins(tmp_path):
     ("nonsense", "not of the form section.key=value"),
     ("train.report=best", "'train.report': invalid value 'best' (valid: auto, model, ema)"),
     ("data.train_interpolation=lanczos", "'data.train_interpolation': invalid value 'lanczos'"),
+    ("model.drop_block_rate=0.1", "DropBlock is built into the ResNeSt models only, not tresnet_m"),
     ("optim.cooldown_epochs=300", "'optim.cooldown_epochs' is 300, not shorter than train.epochs=300"),
 ])
 def test_bad_values_name_the_key(override, needle):

@@ -46,6 +46,7 @@ class ModelConfig:
     init_from: str | None = None  # fine-tuning: model (or EMA) weights of a checkpoint; optimizer starts fresh
     norm: str = "auto"  # auto | bn | iabn (InPlace-ABN; auto = iabn on CUDA when installed)
     drop_path_rate: float = 0.0  # stochastic depth, linearly increasing over blocks
+    drop_block_rate: float = 0.0  # DropBlock in the last two stages (ResNeSt only), ramped linearly over epochs
     channels_last: bool = False  # NHWC memory format (measure per model: it can be slower)
     compile: bool = False  # torch.compile the model
     sync_bn: bool = False  # batch statistics over all processes (per process is the published recipes' way)
@@ -157,7 +158,7 @@ NON_NEGATIVE = ("data.workers", "data.val_img_size", "data.val_batch_size", "dat
                 "data.random_erasing", "data.mixup", "data.color_jitter", "data.pca_lighting", "data.cutmix", "data.repeated_aug",
                 "optim.weight_decay", "optim.momentum", "optim.warmup_epochs", "optim.clip_grad",
                 "optim.cooldown_epochs",
-                "model.drop_path_rate", "train.label_smoothing", "train.ema_decay",
+                "model.drop_path_rate", "model.drop_block_rate", "train.label_smoothing", "train.ema_decay",
                 "train.steps_per_epoch", "run.keep_top_k", "run.ckpt_every_steps")
 
 
@@ -297,6 +298,9 @@ def validate(cfg: Config) -> Config:
     if len(cfg.data.scale) != 2 or not 0 < lo <= hi <= 1:
         raise ConfigError(f"config key 'data.scale': expected [min, max] with 0 < min <= max <= 1, "
                           f"got {cfg.data.scale}")
+    if cfg.model.drop_block_rate and not cfg.model.name.startswith("resnest"):
+        raise ConfigError(f"config key 'model.drop_block_rate': DropBlock is built into the ResNeSt "
+                          f"models only, not {cfg.model.name}; set model.drop_block_rate=0")
     if cfg.data.randaugment and cfg.data.autoaugment:
         raise ConfigError(f"config keys 'data.randaugment' ({cfg.data.randaugment}) and "
                           f"'data.autoaugment' ({cfg.data.autoaugment}) are both set: keep one")

@@ -34,7 +34,7 @@ from .engine import NoEMA, StepParts, evaluate, train_one_epoch
 from .logs import MetricsLog, Progress, duration, setup_console
 from .losses import build_batch_augment, build_criterion
 from .models import UnknownModelError, check_model_name, create_model, get_data_config, load_weights
-from .models.layers import inplace_abn_layers
+from .models.layers import inplace_abn_layers, set_drop_block
 from .optim import build_optimizer, build_schedule, scaled_lr
 from .precision import GradClipper, Precision, PrecisionError, enable_tf32, resolve_amp
 from .sync_norm import convert_sync_norm
@@ -122,8 +122,9 @@ class StopSignal:
 
 def build_model(cfg: Config, device: torch.device) -> nn.Module:
     torch.manual_seed(cfg.run.seed)  # same initial weights for the same seed, run after run
+    extra = {"drop_block_rate": cfg.model.drop_block_rate} if cfg.model.drop_block_rate else {}
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, norm=cfg.model.norm,
-                         drop_path_rate=cfg.model.drop_path_rate)
+                         drop_path_rate=cfg.model.drop_path_rate, **extra)
     if cfg.model.pretrained:
         try:
             load_weights(model, cfg.model.pretrained, skip_mismatched_classifier=True)
@@ -423,6 +424,7 @@ class Trainer:
         """Train one epoch from `start_step`; True when a stop signal ended it (checkpoint written)."""
         cfg, world = self.cfg, self.world
         self.train_loader.set_epoch(epoch, start_step * cfg.optim.accum_steps)
+        set_drop_block(self.model, cfg.model.drop_block_rate * (epoch + 1) / cfg.train.epochs)
         progress = Progress(world.is_main, epoch, cfg.train.epochs, self.steps, start_step)
         first_step = start_step
         meter = _StepMeter(self.device, epoch * self.steps + start_step)
