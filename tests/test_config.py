@@ -55,7 +55,8 @@ def test_bad_values_name_the_key(override, needle):
 
 @pytest.mark.parametrize("overrides, needle", [
     (["train.ema=false", "train.report=ema"], "'train.report' is ema but train.ema is false"),
-    (["optim.schedule=step", "optim.lr_per_epoch=true"], "'optim.lr_per_epoch' is true but optim.schedule is step"),
+    (["optim.schedule=step", "optim.lr_per_epoch=true"],
+     "'optim.lr_per_epoch' is true but optim.schedule is step"),
 ])
 def test_settings_that_contradict_each_other_name_both_keys(overrides, needle):
     with pytest.raises(ConfigError) as e:

@@ -400,8 +400,8 @@ class Trainer:
         self.write_summary()
         log.info("done: best top-1 %.2f%% (%s weights, train.report; epoch %d) | wall time %s | "
                  "checkpoints in %s | metrics in %s | TensorBoard: tensorboard --logdir %s",
-                 self.best["top1"], self.best["source"], self.best["epoch"] + 1, duration(self.wall_s()), self.out,
-                 self.out / "metrics.jsonl", self.out / "tb")
+                 self.best["top1"], self.best["source"], self.best["epoch"] + 1,
+                 duration(self.wall_s()), self.out, self.out / "metrics.jsonl", self.out / "tb")
         return EXIT_OK
 
     def write_summary(self) -> None:

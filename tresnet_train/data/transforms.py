@@ -1,13 +1,14 @@
 """Preprocessing settings shared by both backends, and the torchvision/timm transforms (torch backend).
 
 Train: random-resized-crop (scale from data.scale, aspect 3/4..4/3; filter from
-data.train_interpolation, `random` = bilinear or bicubic per image, timm's train.py default), horizontal
-flip, optional timm RandAugment or AutoAugment (same hyper-parameters as timm's `create_transform`),
-optional colour jitter (torchvision's ColorJitter: brightness, contrast, saturation). Eval, two protocols: `crop` resizes
-the shorter side to floor(img_size / crop_pct) and center-crops img_size (timm's eval transform, the
-trainer's); `squash` resizes the whole image to img_size x img_size, aspect not kept, no crop (the
-official TResNet evaluation at 448: `transforms.Resize((448, 448))` in Alibaba-MIIL/TResNet's
-src/helper_functions/helper_functions.py). Images leave the workers as
+data.train_interpolation, `random` = bilinear or bicubic per image, timm's train.py default),
+horizontal flip, optional timm RandAugment or AutoAugment (same hyper-parameters as timm's
+`create_transform`), optional colour jitter (torchvision's ColorJitter: brightness, contrast,
+saturation). Eval, two protocols: `crop` resizes the shorter side to floor(img_size / crop_pct) and
+center-crops img_size (timm's eval transform, the trainer's); `squash` resizes the whole image to
+img_size x img_size, aspect not kept, no crop (the official TResNet evaluation at 448:
+`transforms.Resize((448, 448))` in Alibaba-MIIL/TResNet's src/helper_functions/helper_functions.py).
+Images leave the workers as
 uint8 CHW tensors and are normalised on the device ((x / 255 - mean) / std; TResNet: mean 0, std 1).
 """
 from __future__ import annotations
