@@ -8,7 +8,8 @@ and a default device_id of 0 there).
 Train: fused decode + random-resized-crop (only the crop's part of the JPEG is decoded), resize,
 optional RandAugment (DALI's `auto_aug.rand_augment`, mapped from timm's spec) or AutoAugment (DALI's
 `auto_augment_image_net`, the paper's ImageNet policy as timm's `original`), optional colour jitter
-(`color_twist`), flip and normalise.
+(`color_twist`: torchvision's factor ranges, applied in DALI's one fixed order where torchvision
+shuffles the order per image), flip and normalise.
 Eval reproduces torchvision's `Resize(floor(size / crop_pct))` + `CenterCrop(size)` (the crop
 protocol: output sizes and crop offsets are computed per image with torchvision's rounding) or
 `Resize((size, size))` (squash, the official TResNet 448 protocol); the resize is antialiased, and
