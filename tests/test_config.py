@@ -42,10 +42,25 @@ def test_base_chain_merges_and_child_wins(tmp_path):
     ("train.ema=maybe", "'train.ema': expected bool"),
     ("optim=3", "'optim': expected a mapping"),
     ("nonsense", "not of the form section.key=value"),
+    ("train.report=best", "'train.report': invalid value 'best' (valid: auto, model, ema)"),
+    ("data.train_interpolation=lanczos", "'data.train_interpolation': invalid value 'lanczos'"),
+    ("model.drop_block_rate=0.1", "DropBlock is built into the ResNeSt models only, not tresnet_m"),
+    ("optim.cooldown_epochs=300", "'optim.cooldown_epochs' is 300, not shorter than train.epochs=300"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(None, ["data.root=/d", override])
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["train.ema=false", "train.report=ema"], "'train.report' is ema but train.ema is false"),
+    (["optim.schedule=step", "optim.lr_per_epoch=true"],
+     "'optim.lr_per_epoch' is true but optim.schedule is step"),
+])
+def test_settings_that_contradict_each_other_name_both_keys(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.root=/d", *overrides])
     assert needle in str(e.value)
 
 

@@ -499,3 +499,73 @@ def test_dali_gpu_outputs_on_device_and_matches_torch(tmp_path):
     diff = (outs["torch"] - outs["dali"]).abs() * 255
     print(f"eval torch vs DALI (nvJPEG) on GPU: mean abs diff {diff.mean():.3f} grey levels")
     assert diff.mean() < 1.5  # nvJPEG's IDCT differs slightly from libjpeg-turbo's
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autoaugment_jitter_and_random_filter_change_pixels_and_repeat_exactly(tmp_path, backend):
+    """ResNeSt's and timm's train ingredients on each backend: they change the batches, and the
+    same seed and epoch give the same pixels (what exact resume relies on)."""
+    make_photo_folder(tmp_path, (5, 4))
+    plain = make_cfg(tmp_path, backend)
+    augmented = make_cfg(tmp_path, backend, autoaugment="original", color_jitter=0.4,
+                         train_interpolation="random")
+
+    def epoch(loader):
+        loader.set_epoch(1)
+        return collect(loader)
+
+    loader, _ = build_loaders(augmented, TRESNET, World(), CPU)
+    base, once, again = epoch(build_loaders(plain, TRESNET, World(), CPU)[0]), epoch(loader), epoch(loader)
+    assert len(base) == len(once) == 2
+    for (a, ta), (b, tb), (c, tc) in zip(base, once, again):
+        assert torch.equal(ta, tb) and torch.equal(tb, tc)
+        assert torch.equal(b, c)
+        assert (a - b).abs().mean() > 1 / 255  # well beyond a rounding difference
+
+
+def test_torch_random_train_interpolation_is_bilinear_or_bicubic_per_image():
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    from tresnet_train.data.transforms import train_transform
+    pre = Preprocess(24, 24, 0.875, "bilinear", (0, 0, 0), (1, 1, 1), (0.3, 1.0), 0.0, "",
+                     train_interpolation="random")
+    crop = train_transform(pre).transforms[0]
+    img = photo(70, 50, 3)
+    used = set()
+    for seed in range(12):
+        random.seed(seed)
+        out = np.asarray(crop(img))
+        random.seed(seed)
+        box = crop.get_params(img, crop.scale, crop.ratio)
+        matches = [mode for mode in (InterpolationMode.BILINEAR, InterpolationMode.BICUBIC)
+                   if np.array_equal(out, np.asarray(TF.resized_crop(img, *box, [24, 24], mode)))]
+        assert len(matches) == 1
+        used.add(matches[0])
+    assert len(used) == 2
+
+
+@needs_dali
+def test_dali_random_train_interpolation_is_linear_or_cubic_per_image():
+    from nvidia.dali import fn, pipeline_def, types
+
+    from tresnet_train.data.dali_backend import _Dali, _train_interp
+    d = _Dali(CPU, 1, [], largest=False)
+    image = np.asarray(photo(70, 50, 5))
+
+    @pipeline_def(batch_size=16, num_threads=1, device_id=None, seed=3)
+    def pipe():
+        images = fn.external_source(source=lambda: [image] * 16, layout="HWC", batch=True)
+        size = dict(size=[24, 24], antialias=True)
+        return (fn.resize(images, interp_type=_train_interp(d, "random"), **size),
+                fn.resize(images, interp_type=types.INTERP_LINEAR, **size),
+                fn.resize(images, interp_type=types.INTERP_CUBIC, **size))
+
+    p = pipe()
+    p.build()
+    rand, linear, cubic = (np.array(out.as_tensor()) for out in p.run())
+    is_linear = [np.array_equal(r, linear[0]) for r in rand]
+    is_cubic = [np.array_equal(r, cubic[0]) for r in rand]
+    assert not np.array_equal(linear[0], cubic[0])
+    assert all(a != b for a, b in zip(is_linear, is_cubic))  # each image: exactly one of the two
+    assert any(is_linear) and any(is_cubic)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -137,3 +138,23 @@ def test_train_py_with_every_speed_switch_on(tmp_path, digits):
     losses = [r["train/loss"] for r in records if r["kind"] == "train"]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert "global batch 16" in proc.stdout  # 8 per step x 2 accumulated
+
+
+def test_pca_lighting_is_alexnets_offset_before_normalisation():
+    """On a normalised batch, PcaLighting equals Gluon's RandomLighting (offset eigvec @ (alpha *
+    eigval) on the [0, 1] image) followed by the normalisation."""
+    from tresnet_train.losses import PcaLighting
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    cfg = load_config(None, ["data.root=/d", "data.pca_lighting=0.1"])
+    augment = build_batch_augment(cfg, 10, torch.device("cpu"), norm_std=tuple(std.tolist()))
+    images = torch.rand(4, 3, 8, 8, dtype=torch.float64).float()
+    normalised = (images - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    torch.manual_seed(5)
+    lit, _ = augment(normalised.clone(), torch.zeros(4, dtype=torch.long))
+    torch.manual_seed(5)
+    alpha = (torch.randn(4, 3) * 0.1).numpy()
+    eigvec, eigval = np.array(PcaLighting.EIGVEC), np.array(PcaLighting.EIGVAL)
+    offsets = torch.tensor(np.stack([np.dot(eigvec * a, eigval) for a in alpha]), dtype=torch.float32)
+    want = (images + offsets.view(4, 3, 1, 1) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    torch.testing.assert_close(lit, want, rtol=0, atol=1e-5)
+    assert offsets.abs().min() > 0 and len({tuple(o.tolist()) for o in offsets}) == 4

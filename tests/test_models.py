@@ -375,3 +375,27 @@ def test_model_table_counts_macs(capsys):
     sys.argv = ["model_table.py", "--models", "tresnet_tiny"]
     table.main()
     assert "| tresnet_tiny | 1.00 | 0.14 | 0.56 |" in capsys.readouterr().out
+
+
+def test_resnest_drop_block_sits_in_the_last_two_stages_and_follows_its_rate():
+    from timm.layers import DropBlock2d
+
+    from tresnet_train.models.layers import set_drop_block
+    from tresnet_train.models.resnest import ResNeSt
+    torch.manual_seed(0)
+    model = ResNeSt(layers=(1, 1, 2, 1), num_classes=10, drop_block_rate=0.1)
+    plain = ResNeSt(layers=(1, 1, 2, 1), num_classes=10)
+    assert model.state_dict().keys() == plain.state_dict().keys()  # no parameters, same checkpoints
+    stages = {name.split(".")[0] for name, m in model.named_modules() if isinstance(m, DropBlock2d)}
+    assert stages == {"layer3", "layer4"}
+    assert sum(isinstance(m, DropBlock2d) for m in model.modules()) == 3 * (2 + 1)  # 3 per block
+    for name, p in model.named_parameters():
+        if name.endswith("bn3.weight"):
+            torch.nn.init.ones_(p)  # zero-initialised last norms would hide what is dropped before them
+    x = torch.rand(2, 3, 96, 96)  # layer3 6x6, layer4 3x3: room for 3x3 blocks
+    model.train()
+    set_drop_block(model, 0.0)
+    off = model(x)
+    torch.testing.assert_close(model(x), off)  # probability 0: nothing dropped
+    set_drop_block(model, 0.1)
+    assert not torch.allclose(model(x), off)

@@ -51,3 +51,26 @@ def test_timm_optimizers(name, cls):
     assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]
     if name == "sgd":
         assert opt.param_groups[0]["nesterov"] is True
+
+
+def test_per_epoch_cosine_is_timms_scheduler_with_cool_down():
+    """TResNet-M's published run: timm's CosineLRScheduler (warm-up 3 epochs from 1e-4 inside the
+    300-epoch cycle, floor 1e-5, one lr per epoch) and 10 cool-down epochs at the floor."""
+    from timm.scheduler import CosineLRScheduler
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.6)
+    timm_sched = CosineLRScheduler(opt, t_initial=300, lr_min=1e-5, warmup_t=3, warmup_lr_init=1e-4,
+                                   cycle_limit=1, t_in_epochs=True)
+    cfg = OptimConfig(schedule="cosine", lr_per_epoch=True, warmup_epochs=3, warmup_lr_ratio=1e-4 / 0.6,
+                      min_lr_ratio=1e-5 / 0.6, cooldown_epochs=10)
+    f = build_schedule(cfg, 0.6, steps_per_epoch=7, epochs=310)
+    want = [timm_sched._get_lr(epoch)[0] for epoch in range(310)]
+    assert [f(7 * epoch) for epoch in range(310)] == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert all(f(7 * epoch + i) == f(7 * epoch) for epoch in (0, 2, 150) for i in range(7))
+    assert f(7 * 300) == f(7 * 309) == pytest.approx(1e-5)
+
+
+def test_per_step_cosine_cool_down_holds_the_floor():
+    f = build_schedule(OptimConfig(schedule="cosine", warmup_epochs=0, min_lr_ratio=0.1,
+                                   cooldown_epochs=2), 1.0, steps_per_epoch=10, epochs=12)
+    assert f(0) == pytest.approx(1.0) and f(50) == pytest.approx(0.55)
+    assert [f(s) for s in range(100, 120)] == pytest.approx([0.1] * 20)

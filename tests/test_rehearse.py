@@ -34,7 +34,8 @@ needs_data = pytest.mark.skipif(
 # What a rehearsal may change (rehearse.miniature_overrides); anything else would make it another recipe.
 SIZES = {"data.root", "model.num_classes", "data.img_size", "data.val_img_size", "data.batch_size",
          "data.val_batch_size", "data.workers", "train.epochs", "train.steps_per_epoch",
-         "run.ckpt_every_steps", "run.output_dir", "data.backend", "model.init_from"}
+         "run.ckpt_every_steps", "run.output_dir", "data.backend", "model.init_from",
+         "optim.cooldown_epochs"}  # the cool-down shrinks with train.epochs
 CPU_ONLY = {"train.amp", "model.norm"}
 
 # (configs named on the command line, backends, --set): together they walk each feature once. No

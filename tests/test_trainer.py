@@ -35,8 +35,14 @@ def test_run_writes_config_checkpoints_metrics_and_tensorboard(reference):
     assert last["global_step"] == 12 and last["epoch"] == 2 and last["step_in_epoch"] == 0
     assert last["config"]["model"]["name"] == "tresnet_tiny"
     assert {"model", "ema", "optimizer", "scaler", "loader", "rng", "classes"} <= last.keys()
-    assert best["best"]["top1"] == max(best["val"]["model_top1"], best["val"]["ema_top1"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # train.report auto with EMA on: best.pth ranks epochs by the EMA's top-1 alone (as timm
+    # reports it), never by the higher of model and EMA; both are still logged every epoch.
+    ema_top1 = [r["val_ema/top1"] for r in records if r["kind"] == "val"]
+    assert best["best_source"] == best["best"]["source"] == "ema"
+    assert best["best"]["top1"] == best["val"]["ema_top1"] == max(ema_top1)
+    assert best["best"]["epoch"] == ema_top1.index(max(ema_top1))
+    assert all("val/top1" in r for r in records if r["kind"] == "val")
     assert {r["kind"] for r in records} == {"train", "val"}
     assert all(0 <= r["val/top1"] <= 100 for r in records if r["kind"] == "val")
     acc = EventAccumulator(str(out / "tb"))

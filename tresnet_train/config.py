@@ -46,6 +46,7 @@ class ModelConfig:
     init_from: str | None = None  # fine-tuning: model (or EMA) weights of a checkpoint; optimizer starts fresh
     norm: str = "auto"  # auto | bn | iabn (InPlace-ABN; auto = iabn on CUDA when installed)
     drop_path_rate: float = 0.0  # stochastic depth, linearly increasing over blocks
+    drop_block_rate: float = 0.0  # DropBlock in the last two stages (ResNeSt only), ramped linearly over epochs
     channels_last: bool = False  # NHWC memory format (measure per model: it can be slower)
     compile: bool = False  # torch.compile the model
     sync_bn: bool = False  # batch statistics over all processes (per process is the published recipes' way)
@@ -65,7 +66,11 @@ class DataConfig:
     strict: bool = False  # undecodable images are an error instead of skipped and reported
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random-resized-crop area range
     hflip: float = 0.5  # horizontal flip probability
+    train_interpolation: str = ""  # train resize filter: "" (the model's) | bilinear | bicubic | random
     randaugment: str = ""  # timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1 ("" = off)
+    autoaugment: str = ""  # AutoAugment policy: original (Cubuk et al.'s ImageNet policy) | "" (off)
+    color_jitter: float = 0.0  # brightness, contrast, saturation factors from [1 - x, 1 + x] (0 = off)
+    pca_lighting: float = 0.0  # AlexNet PCA lighting noise, std of its 3 coefficients (0 = off)
     random_erasing: float = 0.0  # probability, applied on the batch after the loader
     mixup: float = 0.0  # mixup alpha (0 = off)
     cutmix: float = 0.0  # cutmix alpha (0 = off)
@@ -85,6 +90,8 @@ class OptimConfig:
     warmup_epochs: float = 5.0  # linear warm-up from warmup_lr_ratio * lr (cosine and step)
     warmup_lr_ratio: float = 0.0  # warm-up starts at this fraction of the peak lr
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the peak lr
+    cooldown_epochs: int = 0  # cosine: the last N of train.epochs stay at the floor (timm's cool-down)
+    lr_per_epoch: bool = False  # cosine: one lr per epoch, timm's scheduler (false: a new lr every step)
     onecycle_pct_start: float = 0.2  # fraction of steps spent rising (one-cycle)
     step_milestones: list[float] = field(default_factory=lambda: [30.0, 60.0, 90.0])  # epochs (step)
     step_gamma: float = 0.1  # lr factor at each milestone (step)
@@ -101,6 +108,7 @@ class TrainConfig:
     bce_target_thresh: float = 0.0  # bce: targets above this become 1 (0 = keep soft)
     ema: bool = True  # keep an exponential moving average of the weights
     ema_decay: float = 0.9997  # EMA decay per optimizer step
+    report: str = "auto"  # headline weights: model | ema | auto (ema when train.ema): best.pth, summary
     val_every: int = 1  # validate every N epochs (and always after the last)
     steps_per_epoch: int = 0  # cap on steps per epoch, for smoke runs (0 = the whole loader)
 
@@ -136,6 +144,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("cosine", "onecycle", "step"),
     "train.amp": ("auto", "bf16", "fp16", "none"),
     "train.loss": ("ce", "bce"),
+    "train.report": ("auto", "model", "ema"),
+    "data.train_interpolation": ("", "bilinear", "bicubic", "random"),
+    "data.autoaugment": ("", "original"),
     "run.device": ("auto", "cuda", "cpu"),
 }
 
@@ -144,9 +155,11 @@ POSITIVE = ("model.num_classes", "data.img_size", "data.batch_size", "optim.lr",
             "optim.accum_steps", "train.val_every", "run.log_every", "data.synthetic_size",
             "run.dist_timeout_min")
 NON_NEGATIVE = ("data.workers", "data.val_img_size", "data.val_batch_size", "data.crop_pct",
-                "data.random_erasing", "data.mixup", "data.cutmix", "data.repeated_aug",
+                "data.random_erasing", "data.mixup", "data.color_jitter", "data.pca_lighting",
+                "data.cutmix", "data.repeated_aug",
                 "optim.weight_decay", "optim.momentum", "optim.warmup_epochs", "optim.clip_grad",
-                "model.drop_path_rate", "train.label_smoothing", "train.ema_decay",
+                "optim.cooldown_epochs",
+                "model.drop_path_rate", "model.drop_block_rate", "train.label_smoothing", "train.ema_decay",
                 "train.steps_per_epoch", "run.keep_top_k", "run.ckpt_every_steps")
 
 
@@ -227,6 +240,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
         raise ConfigError(f"config file {path} is not valid (safe) YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    data.pop("published", None)  # each recipe's record of its source (tresnet_train.recipes)
     base = data.pop("base", None)
     if base is None:
         return data
@@ -285,6 +299,21 @@ def validate(cfg: Config) -> Config:
     if len(cfg.data.scale) != 2 or not 0 < lo <= hi <= 1:
         raise ConfigError(f"config key 'data.scale': expected [min, max] with 0 < min <= max <= 1, "
                           f"got {cfg.data.scale}")
+    if cfg.model.drop_block_rate and not cfg.model.name.startswith("resnest"):
+        raise ConfigError(f"config key 'model.drop_block_rate': DropBlock is built into the ResNeSt "
+                          f"models only, not {cfg.model.name}; set model.drop_block_rate=0")
+    if cfg.data.randaugment and cfg.data.autoaugment:
+        raise ConfigError(f"config keys 'data.randaugment' ({cfg.data.randaugment}) and "
+                          f"'data.autoaugment' ({cfg.data.autoaugment}) are both set: keep one")
+    if cfg.train.report == "ema" and not cfg.train.ema:
+        raise ConfigError("config key 'train.report' is ema but train.ema is false: set "
+                          "train.report=model, or train.ema=true")
+    if cfg.optim.lr_per_epoch and cfg.optim.schedule != "cosine":
+        raise ConfigError(f"config key 'optim.lr_per_epoch' is true but optim.schedule is "
+                          f"{cfg.optim.schedule}: it applies to cosine only; set optim.lr_per_epoch=false")
+    if cfg.optim.cooldown_epochs >= cfg.train.epochs:
+        raise ConfigError(f"config key 'optim.cooldown_epochs' is {cfg.optim.cooldown_epochs}, not "
+                          f"shorter than train.epochs={cfg.train.epochs}: lower it")
     if cfg.data.source == "folder" and not cfg.data.root:
         raise ConfigError("config key 'data.root' is empty: set it to a folder with train/ and val/ "
                           "(e.g. data.root=/data/imagenet), or use data.source=digits for the demo")
@@ -297,6 +326,13 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"config key '{key}': checkpoint file not found: {path} "
                               f"(train that run first, or set {key}=PATH to an existing checkpoint)")
     return cfg
+
+
+def report_source(cfg: Config) -> str:
+    """The weights whose top-1 is the run's headline number: "ema" or "model" (train.report)."""
+    if cfg.train.report == "auto":
+        return "ema" if cfg.train.ema else "model"
+    return cfg.train.report
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

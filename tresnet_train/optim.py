@@ -70,11 +70,14 @@ def build_schedule(cfg: OptimConfig, peak_lr: float, steps_per_epoch: int,
 
     if cfg.schedule == "cosine":
         floor = cfg.min_lr_ratio * peak_lr
+        if cfg.lr_per_epoch:
+            return _epoch_cosine(cfg, peak_lr, steps_per_epoch, epochs)
+        cycle = max(warmup + 1, total - cfg.cooldown_epochs * steps_per_epoch)  # then the floor
 
         def cosine(step: int) -> float:
             if step < warmup:
                 return warm(step)
-            return floor + (peak_lr - floor) * _cosine((step - warmup) / max(1, total - warmup))
+            return floor + (peak_lr - floor) * _cosine((step - warmup) / max(1, cycle - warmup))
         return cosine
 
     if cfg.schedule == "step":
@@ -96,6 +99,25 @@ def build_schedule(cfg: OptimConfig, peak_lr: float, steps_per_epoch: int,
             return peak_lr + (low - peak_lr) * _cosine(step / rise)
         return final + (peak_lr - final) * _cosine((step - rise) / max(1, total - 1 - rise))
     return onecycle
+
+
+def _epoch_cosine(cfg: OptimConfig, peak_lr: float, steps_per_epoch: int,
+                  epochs: int) -> Callable[[int], float]:
+    """One lr per epoch, as timm's CosineLRScheduler (t_in_epochs, cycle_limit 1) in timm's train.py.
+
+    Epoch t < warmup_epochs: start + t * (peak - start) / warmup_epochs (epoch 0 at `start`); then
+    floor + (peak - floor) * (1 + cos(pi * t / cycle)) / 2 with t counted from epoch 0 (the warm-up
+    lies inside the cycle, timm's default), and the floor for the `cooldown_epochs` after the cycle.
+    """
+    start, floor = cfg.warmup_lr_ratio * peak_lr, cfg.min_lr_ratio * peak_lr
+    cycle = max(1, epochs - cfg.cooldown_epochs)
+
+    def epoch_cosine(step: int) -> float:
+        t = step // max(1, steps_per_epoch)
+        if t < cfg.warmup_epochs:
+            return start + t * (peak_lr - start) / cfg.warmup_epochs
+        return floor + (peak_lr - floor) * _cosine(t / cycle)
+    return epoch_cosine
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:

@@ -96,6 +96,8 @@ def miniature_overrides(cfg, *, data_root: Path | None, num_classes: int | None,
     o["data.workers"] = min(cfg.data.workers, max(1, (os.cpu_count() or 2) // nproc))  # this machine
     o["train.epochs"] = MINI_EPOCHS
     o["train.steps_per_epoch"] = MINI_STEPS
+    if cfg.optim.cooldown_epochs:
+        o["optim.cooldown_epochs"] = 1  # a cool-down epoch that fits in MINI_EPOCHS
     o["run.ckpt_every_steps"] = 1  # mid-epoch checkpoints, as a preemptible SLURM run sets them
     o["run.output_dir"] = str(run_dir)  # a fresh folder per config and backend
     o["data.backend"] = backend  # each loader in turn, whatever `auto` would pick here

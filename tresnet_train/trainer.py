@@ -25,7 +25,7 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, dump_yaml, to_dict
+from .config import Config, ConfigError, dump_yaml, report_source, to_dict
 from .data import DataError, build_loaders, scan_image_folder
 from .data.digits import check_digits_root
 from .distributed import (World, all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup,
@@ -34,7 +34,7 @@ from .engine import NoEMA, StepParts, evaluate, train_one_epoch
 from .logs import MetricsLog, Progress, duration, setup_console
 from .losses import build_batch_augment, build_criterion
 from .models import UnknownModelError, check_model_name, create_model, get_data_config, load_weights
-from .models.layers import inplace_abn_layers
+from .models.layers import inplace_abn_layers, set_drop_block
 from .optim import build_optimizer, build_schedule, scaled_lr
 from .precision import GradClipper, Precision, PrecisionError, enable_tf32, resolve_amp
 from .sync_norm import convert_sync_norm
@@ -122,8 +122,9 @@ class StopSignal:
 
 def build_model(cfg: Config, device: torch.device) -> nn.Module:
     torch.manual_seed(cfg.run.seed)  # same initial weights for the same seed, run after run
+    extra = {"drop_block_rate": cfg.model.drop_block_rate} if cfg.model.drop_block_rate else {}
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, norm=cfg.model.norm,
-                         drop_path_rate=cfg.model.drop_path_rate)
+                         drop_path_rate=cfg.model.drop_path_rate, **extra)
     if cfg.model.pretrained:
         try:
             load_weights(model, cfg.model.pretrained, skip_mismatched_classifier=True)
@@ -268,12 +269,14 @@ class Trainer:
             model=self.model, train_model=self.train_model, optimizer=self.optimizer,
             schedule=build_schedule(cfg.optim, self.peak_lr, self.steps, cfg.train.epochs),
             criterion=build_criterion(cfg),
-            batch_augment=build_batch_augment(cfg, cfg.model.num_classes, self.device),
+            batch_augment=build_batch_augment(cfg, cfg.model.num_classes, self.device,
+                                              self.data_config.get("std", (1.0, 1.0, 1.0))),
             precision=self.precision, clipper=GradClipper(cfg.optim.clip_grad), ema=self.ema,
             accum_steps=cfg.optim.accum_steps, seed=cfg.run.seed, rank=self.world.rank)
 
         self.epoch, self.start_step = 0, 0
-        self.best = {"top1": -1.0, "epoch": -1, "source": "model"}
+        self.report = report_source(cfg)  # the headline weights; the other's top-1 is logged too
+        self.best = {"top1": -1.0, "epoch": -1, "source": self.report}
         self.topk = ckpt.TopK(self.out, cfg.run.keep_top_k)
         self.last_val: dict = {}
         self.resume()
@@ -395,10 +398,10 @@ class Trainer:
                 results = self.validate(epoch, time.perf_counter() - t0)
             self.end_of_epoch_checkpoints(epoch, results)
         self.write_summary()
-        log.info("done: best top-1 %.2f%% (%s weights, epoch %d) | wall time %s | checkpoints in %s "
-                 "| metrics in %s | TensorBoard: tensorboard --logdir %s", self.best["top1"],
-                 self.best["source"], self.best["epoch"] + 1, duration(self.wall_s()), self.out,
-                 self.out / "metrics.jsonl", self.out / "tb")
+        log.info("done: best top-1 %.2f%% (%s weights, train.report; epoch %d) | wall time %s | "
+                 "checkpoints in %s | metrics in %s | TensorBoard: tensorboard --logdir %s",
+                 self.best["top1"], self.best["source"], self.best["epoch"] + 1,
+                 duration(self.wall_s()), self.out, self.out / "metrics.jsonl", self.out / "tb")
         return EXIT_OK
 
     def write_summary(self) -> None:
@@ -421,6 +424,7 @@ class Trainer:
         """Train one epoch from `start_step`; True when a stop signal ended it (checkpoint written)."""
         cfg, world = self.cfg, self.world
         self.train_loader.set_epoch(epoch, start_step * cfg.optim.accum_steps)
+        set_drop_block(self.model, cfg.model.drop_block_rate * (epoch + 1) / cfg.train.epochs)
         progress = Progress(world.is_main, epoch, cfg.train.epochs, self.steps, start_step)
         first_step = start_step
         meter = _StepMeter(self.device, epoch * self.steps + start_step)
@@ -490,14 +494,15 @@ class Trainer:
         return results
 
     def end_of_epoch_checkpoints(self, epoch: int, results: dict | None) -> None:
-        """last.pth always; best.pth and top-k when validation ran.
+        """last.pth always; best.pth and top-k when validation ran, ranked by the top-1 of the
+        weights train.report names (timm ranks by the EMA's when there is one), never a max over both.
 
         One state, written once (atomically) as last.pth; best.pth and the top-k file are hard
         links to it. The other ranks wait in a host-side (gloo) barrier meanwhile.
         """
         improved = in_top = False
         if results is not None:
-            source = max(results, key=lambda k: results[k]["top1"])
+            source = self.report
             top1 = results[source]["top1"]
             self.last_val = {f"{k}_{m}": v for k, r in results.items() for m, v in r.items()}
             improved = top1 > self.best["top1"]

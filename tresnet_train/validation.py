@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--ema", dest="ema", action="store_true", default=None,
                          help="evaluate the checkpoint's EMA weights")
     weights.add_argument("--no-ema", dest="ema", action="store_false",
-                         help="evaluate the model weights (default: whichever the trainer found best)")
+                         help="evaluate the model weights (default: the weights the run reported, "
+                              "its train.report)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
                    help="autocast dtype (auto = bf16 on GPU, none on CPU)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")

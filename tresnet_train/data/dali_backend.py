@@ -6,7 +6,10 @@ a GPU the same pipeline runs with `device_id=None` and CPU operators (DALI refus
 and a default device_id of 0 there).
 
 Train: fused decode + random-resized-crop (only the crop's part of the JPEG is decoded), resize,
-optional RandAugment (DALI's `auto_aug.rand_augment`, mapped from timm's spec), flip and normalise.
+optional RandAugment (DALI's `auto_aug.rand_augment`, mapped from timm's spec) or AutoAugment (DALI's
+`auto_augment_image_net`, the paper's ImageNet policy as timm's `original`), optional colour jitter
+(`color_twist`: torchvision's factor ranges, applied in DALI's one fixed order where torchvision
+shuffles the order per image), flip and normalise.
 Eval reproduces torchvision's `Resize(floor(size / crop_pct))` + `CenterCrop(size)` (the crop
 protocol: output sizes and crop offsets are computed per image with torchvision's rounding) or
 `Resize((size, size))` (squash, the official TResNet 448 protocol); the resize is antialiased, and
@@ -84,6 +87,14 @@ def dali_available() -> bool:
 def _interp(types, name: str):
     return {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC,
             "nearest": types.INTERP_NN}[name]
+
+
+def _train_interp(d: "_Dali", name: str):
+    """The train resize filter; `random` draws bilinear or bicubic per image (timm's train default)."""
+    if name != "random":
+        return _interp(d.types, name)
+    choice = d.fn.random.choice([int(d.types.INTERP_LINEAR), int(d.types.INTERP_CUBIC)])
+    return d.fn.cast(choice, dtype=d.types.INTERP_TYPE)
 
 
 def parse_randaugment(spec: str) -> dict:
@@ -183,10 +194,10 @@ class _Dali:
         import nvidia.dali.fn as fn
         import nvidia.dali.types as types
         from nvidia.dali import pipeline_def
-        from nvidia.dali.auto_aug import rand_augment
+        from nvidia.dali.auto_aug import auto_augment, rand_augment
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
         self.fn, self.types, self.pipeline_def = fn, types, pipeline_def
-        self.rand_augment = rand_augment
+        self.rand_augment, self.auto_augment = rand_augment, auto_augment
         self.Iterator, self.LastBatchPolicy = DALIGenericIterator, LastBatchPolicy
         self.gpu = device.type == "cuda"
         self.device = device
@@ -221,7 +232,7 @@ def _train_pipeline(d: _Dali, pre: Preprocess, ra: dict | None, file_list: str, 
     """Trace and build the train pipeline; it reads `file_list` ("path label" lines)."""
     fn, types = d.fn, d.types
 
-    @d.pipeline_def(enable_conditionals=ra is not None)
+    @d.pipeline_def(enable_conditionals=ra is not None or bool(pre.autoaugment))
     def pipeline():
         jpegs, targets = fn.readers.file(file_list=file_list, random_shuffle=False, name="Reader")
         images = fn.decoders.image_random_crop(
@@ -229,12 +240,21 @@ def _train_pipeline(d: _Dali, pre: Preprocess, ra: dict | None, file_list: str, 
             random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, adjust_orientation=False,
             **d.decoder_kwargs())
         images = fn.resize(images, size=[pre.img_size, pre.img_size], antialias=True,
-                           interp_type=_interp(types, pre.interpolation))
+                           interp_type=_train_interp(d, pre.train_interpolation or pre.interpolation))
         if ra is not None:
             images = d.rand_augment.rand_augment(
                 images, n=ra["n"], m=ra["m"], num_magnitude_bins=11,
                 monotonic_mag=ra["monotonic_mag"], max_translate_abs=int(0.45 * pre.img_size),
                 fill_value=min(255, round(255 * sum(pre.mean) / 3)))
+        elif pre.autoaugment:  # "original": the AutoAugment paper's ImageNet policy
+            images = d.auto_augment.auto_augment_image_net(
+                images, max_translate_abs=int(0.45 * pre.img_size),
+                fill_value=min(255, round(255 * sum(pre.mean) / 3)))
+        if pre.color_jitter:
+            factors = [max(0.0, 1 - pre.color_jitter), 1 + pre.color_jitter]
+            images = fn.color_twist(images, brightness=fn.random.uniform(range=factors),
+                                    contrast=fn.random.uniform(range=factors),
+                                    saturation=fn.random.uniform(range=factors))
         mirror = fn.random.coin_flip(probability=pre.hflip) if pre.hflip > 0 else None
         images = d.normalize(images, pre, mirror)
         if d.gpu:

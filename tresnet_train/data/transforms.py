@@ -1,11 +1,14 @@
 """Preprocessing settings shared by both backends, and the torchvision/timm transforms (torch backend).
 
-Train: random-resized-crop (scale from data.scale, aspect 3/4..4/3), horizontal flip, optional timm
-RandAugment (same hyper-parameters as timm's `create_transform`). Eval, two protocols: `crop` resizes
-the shorter side to floor(img_size / crop_pct) and center-crops img_size (timm's eval transform, the
-trainer's); `squash` resizes the whole image to img_size x img_size, aspect not kept, no crop (the
-official TResNet evaluation at 448: `transforms.Resize((448, 448))` in Alibaba-MIIL/TResNet's
-src/helper_functions/helper_functions.py). Images leave the workers as
+Train: random-resized-crop (scale from data.scale, aspect 3/4..4/3; filter from
+data.train_interpolation, `random` = bilinear or bicubic per image, timm's train.py default),
+horizontal flip, optional timm RandAugment or AutoAugment (same hyper-parameters as timm's
+`create_transform`), optional colour jitter (torchvision's ColorJitter: brightness, contrast,
+saturation). Eval, two protocols: `crop` resizes the shorter side to floor(img_size / crop_pct) and
+center-crops img_size (timm's eval transform, the trainer's); `squash` resizes the whole image to
+img_size x img_size, aspect not kept, no crop (the official TResNet evaluation at 448:
+`transforms.Resize((448, 448))` in Alibaba-MIIL/TResNet's src/helper_functions/helper_functions.py).
+Images leave the workers as
 uint8 CHW tensors and are normalised on the device ((x / 255 - mean) / std; TResNet: mean 0, std 1).
 """
 from __future__ import annotations
@@ -36,6 +39,9 @@ class Preprocess:
     hflip: float
     randaugment: str  # timm spec or ""
     val_resize_mode: str = "crop"  # crop (timm, the trainer) | squash (official TResNet 448)
+    train_interpolation: str = ""  # train resize: bilinear | bicubic | random ("" = interpolation)
+    autoaugment: str = ""  # AutoAugment policy (original) or ""
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength, 0 = off
 
     def __post_init__(self):
         if self.val_resize_mode not in VAL_RESIZE_MODES:
@@ -60,7 +66,9 @@ class Preprocess:
                    interpolation=interp, mean=tuple(float(m) for m in data_config.get("mean", (0, 0, 0))),
                    std=tuple(float(s) for s in data_config.get("std", (1, 1, 1))),
                    scale=tuple(data_cfg.scale), hflip=float(data_cfg.hflip),
-                   randaugment=data_cfg.randaugment)
+                   randaugment=data_cfg.randaugment,
+                   train_interpolation=data_cfg.train_interpolation or interp,
+                   autoaugment=data_cfg.autoaugment, color_jitter=float(data_cfg.color_jitter))
 
 
 class Normalize:
@@ -93,25 +101,41 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
     return ImageOps.posterize(img, bits_to_keep)
 
 
-def _pillow_safe(rand_augment):
-    """Swap timm's posterize for `_posterize` in this RandAugment's own ops (no global patching)."""
+def _pillow_safe(augment):
+    """Swap timm's posterize for `_posterize` in this RandAugment's or AutoAugment's own ops (no
+    global patching; AutoAugment's original policy posterizes down to 0 bits too)."""
     from timm.data import auto_augment
-    for op in getattr(rand_augment, "ops", []):
+    ops = [*getattr(augment, "ops", []), *(op for sub in getattr(augment, "policy", []) for op in sub)]
+    for op in ops:
         if op.aug_fn is auto_augment.posterize:
             op.aug_fn = _posterize
-    return rand_augment
+    return augment
 
 
 def train_transform(pre: Preprocess) -> T.Compose:
-    interp = _INTERP[pre.interpolation]
-    tfs = [T.RandomResizedCrop(pre.img_size, scale=pre.scale, ratio=(3 / 4, 4 / 3), interpolation=interp),
-           T.RandomHorizontalFlip(pre.hflip)]
+    interp = pre.train_interpolation or pre.interpolation
+    if interp == "random":  # timm's crop: bilinear or bicubic, chosen per image
+        from timm.data.transforms import RandomResizedCropAndInterpolation
+        crop = RandomResizedCropAndInterpolation(pre.img_size, scale=pre.scale, ratio=(3 / 4, 4 / 3),
+                                                 interpolation="random")
+    else:
+        crop = T.RandomResizedCrop(pre.img_size, scale=pre.scale, ratio=(3 / 4, 4 / 3),
+                                   interpolation=_INTERP[interp])
+    tfs = [crop, T.RandomHorizontalFlip(pre.hflip)]
+    # timm's create_transform hyper-parameters; random: its ops pick bilinear or bicubic per image
+    hparams = {"translate_const": int(pre.img_size * 0.45),
+               "img_mean": tuple(min(255, round(255 * m)) for m in pre.mean)}
+    if interp != "random":
+        hparams["interpolation"] = F.pil_modes_mapping[_INTERP[interp]]
     if pre.randaugment:
         from timm.data.auto_augment import rand_augment_transform
-        hparams = {"translate_const": int(pre.img_size * 0.45),
-                   "img_mean": tuple(min(255, round(255 * m)) for m in pre.mean),
-                   "interpolation": F.pil_modes_mapping[interp]}
         tfs.append(_pillow_safe(rand_augment_transform(pre.randaugment, hparams)))
+    elif pre.autoaugment:
+        from timm.data.auto_augment import auto_augment_transform
+        tfs.append(_pillow_safe(auto_augment_transform(pre.autoaugment, hparams)))
+    if pre.color_jitter:
+        tfs.append(T.ColorJitter(brightness=pre.color_jitter, contrast=pre.color_jitter,
+                                 saturation=pre.color_jitter))
     tfs.append(T.PILToTensor())  # uint8 CHW
     return T.Compose(tfs)
 

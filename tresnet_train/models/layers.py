@@ -111,6 +111,14 @@ class DropPath(nn.Module):
         return f"rate={self.rate}"
 
 
+def set_drop_block(model: nn.Module, rate: float) -> None:
+    """Set every DropBlock layer's drop probability (ResNeSt's training ramps it over the epochs)."""
+    from timm.layers import DropBlock2d
+    for m in model.modules():
+        if isinstance(m, DropBlock2d):
+            m.drop_prob = rate
+
+
 def drop_path_rates(rate: float, num_blocks: int) -> list[float]:
     """Per-block stochastic depth, rising linearly from 0 at the first block to `rate` at the last."""
     if num_blocks <= 1:

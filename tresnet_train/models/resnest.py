@@ -5,11 +5,15 @@ radix 2 and cardinality 1 in every bottleneck's 3x3 conv; a deep stem of three 3
 32 for resnest50d, 64 for resnest101e) then 3x3 max pool; strided blocks downsample with a 3x3 average
 pool after the split-attention conv ("avd"), and shortcuts with a 2x2 average pool before the 1x1 conv.
 State-dict keys equal timm's `resnest50d` / `resnest101e`. BatchNorm + ReLU only: InPlace-ABN has no
-in-place ReLU (its backward must invert the activation).
+in-place ReLU (its backward must invert the activation). Optional DropBlock (Ghiasi et al. 2018; timm's
+DropBlock2d, block 3) in the last two stages, where the official code puts it: after bn1, after the
+split-attention conv and after bn3 (resnest/gluon/resnet.py); its training ramps the probability
+linearly over the epochs (`set_drop_block`).
 """
 from __future__ import annotations
 
 import torch
+from timm.layers import DropBlock2d
 from torch import nn
 
 from tresnet_train.models.layers import DropPath, drop_path_rates
@@ -49,7 +53,7 @@ class ResNestBottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, in_chs: int, planes: int, stride: int, downsample: nn.Module | None,
-                 radix: int, drop_path: float):
+                 radix: int, drop_path: float, drop_block: float = 0.0):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chs, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -61,16 +65,19 @@ class ResNestBottleneck(nn.Module):
         self.downsample = downsample
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.act3 = nn.ReLU(inplace=True)
+        blocks = [DropBlock2d(drop_block, block_size=3) if drop_block > 0 else nn.Identity()
+                  for _ in range(3)]
+        self.drop_block1, self.drop_block2, self.drop_block3 = blocks  # no parameters: keys unchanged
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.conv2(self.act1(self.bn1(self.conv1(x))))
+        out = self.drop_block2(self.conv2(self.act1(self.drop_block1(self.bn1(self.conv1(x))))))
         if self.avd_last is not None:
             out = self.avd_last(out)
-        out = self.bn3(self.conv3(out))
+        out = self.drop_block3(self.bn3(self.conv3(out)))
         return self.act3(self.drop_path(out) + shortcut)
 
 
@@ -85,6 +92,7 @@ class ResNeSt(nn.Module):
         norm: str = "auto",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        drop_block_rate: float = 0.0,
     ):
         super().__init__()
         if norm not in ("auto", "bn"):
@@ -116,7 +124,8 @@ class ResNeSt(nn.Module):
             blocks = []
             for j in range(num_blocks):
                 blocks.append(ResNestBottleneck(in_chs, planes, stride if j == 0 else 1,
-                                                downsample if j == 0 else None, radix, next(rates)))
+                                                downsample if j == 0 else None, radix, next(rates),
+                                                drop_block_rate if i >= 2 else 0.0))
                 in_chs = out_chs
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
 
