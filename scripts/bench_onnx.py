@@ -14,7 +14,7 @@ The model is built with random weights (speed does not depend on them) and expor
 so a change in machine load falls on all of them alike. Reported: the median block's img/s and the
 ratio of each engine to torch eager on the same device, from this run only.
 
-Output: <out-dir>/<date>-<device>-onnx.json and .md: device, CPU threads, library versions, load
+Output: <out-dir>/<date>-<device>-onnx-t<threads>.json and .md: device, CPU threads, library versions, load
 average before and after, the exact command, every block's img/s, the medians and the ratios.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
     p.add_argument("--iters", type=int, default=None,
-                   help="calls per timed block (default: 20 at batch 1, 3 above on CPU; 50 on GPU)")
+                   help="calls per timed block (default: 10 at batch 1, 2 above on CPU; 50 on GPU)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per engine and batch")
     p.add_argument("--repeats", type=int, default=5, help="timed blocks per engine and batch")
     p.add_argument("--threads", type=int, default=None,
@@ -152,7 +152,8 @@ def to_markdown(report: dict) -> str:
     env, s = report["environment"], report["settings"]
     lines = [f"# Inference: torch eager vs ONNX Runtime, {s['model']} at {s['img_size']} px", "",
              f"- command: `{report['command']}`",
-             f"- device: {env['device']} ({env['device_type']}); CPU {report['cpu']}, {s['threads']} threads of "
+             f"- device: {env['device']} ({env['device_type']}); CPU {report['cpu']}, "
+             f"{s['threads']} threads of "
              f"{env['host_cpus']}; load average before/after: {report['load_before']} / "
              f"{report['load_after']}",
              f"- python {env['python']}, torch {env['torch']}, onnxruntime {report['onnxruntime']}, "
@@ -163,7 +164,8 @@ def to_markdown(report: dict) -> str:
              "|---:|---|---:|---:|---|"]
     for r in report["results"]:
         blocks = ", ".join(f"{v:.1f}" for v in r["block_img_per_s"])
-        lines.append(f"| {r['batch']} | {r['engine']} | {r['img_per_s']:.1f} | {r['ratio']:.2f}x | {blocks} |")
+        lines.append(f"| {r['batch']} | {r['engine']} | {r['img_per_s']:.1f} | {r['ratio']:.2f}x "
+                     f"| {blocks} |")
     for name, why in report["skipped"].items():
         lines.append(f"\n{name}: not measured ({why})")
     return "\n".join(lines) + "\n"
@@ -191,7 +193,7 @@ def main(argv=None) -> int:
         for batch in batches:
             x = torch.rand(batch, 3, args.img_size, args.img_size)
             on_gpu = torch.cuda.is_available() and args.device != "cpu"
-            iters = args.iters or (50 if on_gpu else (20 if batch == 1 else 3))
+            iters = args.iters or (50 if on_gpu else (10 if batch == 1 else 2))
             blocks = timed_blocks({n: make(x) for n, make in found.items()}, iters, args.warmup,
                                   args.repeats)
             for name, seconds in blocks.items():
@@ -207,7 +209,7 @@ def main(argv=None) -> int:
     report["load_after"] = os.getloadavg()[0]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{report['environment']['date'][:10]}-{device_slug(report['environment'])}-onnx"
+    stem = f"{report['environment']['date'][:10]}-{device_slug(report['environment'])}-onnx-t{args.threads}"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (out / f"{stem}.md").write_text(to_markdown(report))
     print(to_markdown(report))

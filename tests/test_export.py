@@ -6,7 +6,8 @@
 - From a trainer checkpoint on real photos: the export takes the weights validate.py picks (model or
   EMA), the resolution and crop the checkpoint was validated at, writes the JSON; `validate.py --onnx`
   gives the checkpoint's top-1, image by image, through the same preprocessing.
-- timm and official TResNet files with --model; ImageNet class names for 1000-class files; errors.
+- timm and official TResNet files with --model; ImageNet class names for 1000-class files; an
+  InPlace-ABN model's weights; errors.
 """
 import json
 import logging
@@ -27,6 +28,7 @@ from trainer_helpers import ROOT, env, train  # noqa: E402
 from tresnet_train import export  # noqa: E402
 from tresnet_train import validation  # noqa: E402
 from tresnet_train.models import create_model  # noqa: E402
+from tresnet_train.models.layers import inplace_abn_available  # noqa: E402
 
 TOLERANCE = 1e-4  # fp32 logits, ONNX Runtime vs PyTorch
 
@@ -116,8 +118,8 @@ def test_export_then_validate_onnx_gives_the_checkpoints_top1(tmp_path, run_dir)
         assert onnx[key] == ours[key], key
     assert onnx["num_images"] == 100 and onnx["format"] == "onnx"
     assert onnx["loss"] == pytest.approx(ours["loss"], abs=1e-5)
-    rows = [(a.split(","), b.split(",")) for a, b in zip(
-        (tmp_path / "ours.csv").read_text().splitlines()[1:], (tmp_path / "onnx.csv").read_text().splitlines()[1:])]
+    ours_rows, onnx_rows = ((tmp_path / f"{n}.csv").read_text().splitlines()[1:] for n in ("ours", "onnx"))
+    rows = [(a.split(","), b.split(",")) for a, b in zip(ours_rows, onnx_rows)]
     assert len(rows) == 100
     for a, b in rows:  # path, label, pred, prob: the same prediction for every image
         assert a[:3] == b[:3] and abs(float(a[3]) - float(b[3])) <= 1e-5
@@ -160,6 +162,22 @@ def test_timm_and_official_files_with_model(tmp_path, randomize_norms):
             with torch.no_grad():
                 ref = model(x)
             assert (export.OnnxModel(out, ["CPUExecutionProvider"])(x) - ref).abs().max() <= TOLERANCE
+
+
+@pytest.mark.skipif(not inplace_abn_available(), reason="inplace_abn is not installed (pip install "
+                    "--no-build-isolation inplace-abn)")
+def test_an_inplace_abn_model_exports_with_its_norms_folded(tmp_path, randomize_norms, capsys):
+    torch.manual_seed(0)
+    iabn = randomize_norms(create_model("tresnet_tiny", num_classes=10, norm="iabn")).eval()
+    torch.save(iabn.state_dict(), tmp_path / "iabn.pth")  # what an InPlace-ABN run's weights are
+    assert export.main(["--ckpt", str(tmp_path / "iabn.pth"), "--model", "tresnet_tiny",
+                        "--img-size", "64", "--out", str(tmp_path / "m.onnx")]) == 0
+    assert "norms: 14 of 14 folded" in capsys.readouterr().out
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = iabn(x)
+    got = export.OnnxModel(tmp_path / "m.onnx", ["CPUExecutionProvider"])(x)
+    assert (got - ref).abs().max() <= TOLERANCE
 
 
 def test_usage_errors_are_one_line_and_exit_2(tmp_path, run_dir, capsys):

@@ -36,8 +36,9 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import ConfigError
 from .data.transforms import VAL_RESIZE_MODES, Preprocess
-from .validation import (ValidationError, Weights, build_model, checkpoint_num_classes,
-                         read_weights, set_eval_size)
+from .models.registry import TIMM_PREFIX
+from .validation import (ValidationError, Weights, add_weights_args, build_model,
+                         check_size_args, checkpoint_num_classes, read_weights, set_eval_size)
 
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
 OPSET = 18
@@ -210,19 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "file (the last two need --model)")
     p.add_argument("--format", choices=("onnx",), default="onnx", help="output format")
     p.add_argument("--out", required=True, help="the ONNX file to write; the JSON goes beside it")
-    p.add_argument("--model", default=None,
-                   help="model name (registered or timm/<name>); default: read from our checkpoints")
-    weights = p.add_mutually_exclusive_group()
-    weights.add_argument("--ema", dest="ema", action="store_true", default=None,
-                         help="export the checkpoint's EMA weights")
-    weights.add_argument("--no-ema", dest="ema", action="store_false",
-                         help="export the model weights (default: whichever the trainer found best)")
-    p.add_argument("--img-size", type=int, default=None,
-                   help="input size, pixels (default: the size the checkpoint was validated at, else "
-                        "the model's)")
-    p.add_argument("--crop-pct", type=float, default=None,
-                   help="center-crop fraction recorded in the JSON (default: the checkpoint's, else "
-                        "the model's)")
+    add_weights_args(p, "export")
     p.add_argument("--resize", choices=VAL_RESIZE_MODES, default="crop",
                    help="preprocessing recorded in the JSON: crop (resize the short side to "
                         "img_size / crop_pct, center crop) or squash (resize to img_size x img_size)")
@@ -234,22 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.img_size is not None and args.img_size <= 0:
-        raise ValidationError(f"--img-size must be > 0, got {args.img_size}")
-    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
-        raise ValidationError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    check_size_args(args)
     _import_onnx()
     w = read_weights(args.ckpt, args.model, args.ema)
     num_classes = checkpoint_num_classes(w)
     if num_classes is None:
         raise ValidationError(f"{args.ckpt} has no classifier weights for {w.model_name}: "
                               f"is --model right?")
-    model = build_model(w, num_classes)
     set_eval_size(w, args.img_size, args.crop_pct)
     pre = replace(Preprocess.from_config(w.cfg.data, w.data_config), val_resize_mode=args.resize)
     size = pre.val_img_size
-    if size % 32:
+    if size % 32 and not w.model_name.startswith(TIMM_PREFIX):
         raise ValidationError(f"--img-size {size}: must be a multiple of 32 (the model's total stride)")
+    model = build_model(w, num_classes)
 
     out = Path(args.out)
     export_onnx(model, out, size, args.opset, args.dynamo)
@@ -262,8 +248,9 @@ def run(args: argparse.Namespace) -> int:
     custom = sorted(k for k in ops if "::" in k)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, opset {args.opset}) and "
           f"{sidecar_path(out).name}")
+    norm = f"mean {info['mean']}, std {info['std']}" if info["mean"] else "no mean/std (RGB in [0, 1])"
     print(f"  {w.model_name}, {w.weights} weights, {num_classes} classes; input (batch, 3, {size}, "
-          f"{size}); {info['preprocess']}; mean/std {info['mean']}/{info['std']}")
+          f"{size}); {info['preprocess']}; {norm}")
     print(f"  norms: {norms - ops.get('BatchNormalization', 0)} of {norms} folded into convolutions; "
           f"{sum(ops.values())} nodes, custom ops: {custom or 'none'}")
     tolerance = 1e-4 * max(1.0, scale)

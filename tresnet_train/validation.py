@@ -8,6 +8,9 @@ from it, so no config file is needed), timm-format state dicts and the official 
 format (these two need `--model NAME`). Every file is read with `torch.load(weights_only=True)`: a
 pickle that would run code is refused before anything in it runs.
 
+`--onnx model.onnx` evaluates a file from scripts/export.py instead: ONNX Runtime runs it inside the
+same eval loop and loaders, with the classes and preprocessing of the JSON written beside it.
+
 Preprocessing defaults to what the trainer validated with (the checkpoint's data.val_img_size or
 data.img_size, data.crop_pct or the model's crop_pct), so validating `best.pth` reproduces the
 top-1 the trainer logged. That is the crop protocol (timm's: resize the short side to
@@ -50,6 +53,31 @@ class ValidationError(ValueError):
 
 
 # ---- command line ---------------------------------------------------------------------------------
+def add_weights_args(p: argparse.ArgumentParser, verb: str) -> None:
+    """--model, --ema/--no-ema, --img-size, --crop-pct: which weights, at what size (validate.py and
+    scripts/export.py read checkpoints alike)."""
+    p.add_argument("--model", default=None,
+                   help="model name (registered or timm/<name>); default: read from our checkpoints")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--ema", dest="ema", action="store_true", default=None,
+                         help=f"{verb} the checkpoint's EMA weights")
+    weights.add_argument("--no-ema", dest="ema", action="store_false",
+                         help=f"{verb} the model weights (default: whichever the trainer found best)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="eval crop, pixels (default: the size the checkpoint was validated at, else "
+                        "the model's)")
+    p.add_argument("--crop-pct", type=float, default=None,
+                   help="center-crop fraction: resize the short side to img_size / crop_pct first "
+                        "(default: the checkpoint's, else the model's, 0.875 for TResNet)")
+
+
+def check_size_args(args: argparse.Namespace) -> None:
+    if args.img_size is not None and args.img_size <= 0:
+        raise ValidationError(f"--img-size must be > 0, got {args.img_size}")
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise ValidationError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="validate.py",
@@ -65,28 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "preprocessing in the JSON beside it")
     p.add_argument("--data", required=True,
                    help="ImageFolder root holding val/, or the val/ folder itself (one folder per class)")
-    p.add_argument("--model", default=None,
-                   help="model name (registered or timm/<name>); default: read from our checkpoints")
-    p.add_argument("--img-size", type=int, default=None,
-                   help="eval crop, pixels (default: the size the checkpoint was validated at, else "
-                        "the model's)")
-    p.add_argument("--crop-pct", type=float, default=None,
-                   help="center-crop fraction: resize the short side to img_size / crop_pct first "
-                        "(default: the checkpoint's, else the model's, 0.875 for TResNet)")
+    add_weights_args(p, "evaluate")
     p.add_argument("--resize", choices=VAL_RESIZE_MODES, default=None,
-                   help="eval protocol (default crop; --onnx: the exported one): crop = resize the short side to img_size / crop_pct, then "
-                        "center crop (timm's, the trainer's); squash = resize the whole image to "
-                        "img_size x img_size, aspect not kept, no crop (the official TResNet "
+                   help="eval protocol (default crop; with --onnx the exported one): crop = resize the "
+                        "short side to img_size / crop_pct, then center crop (timm's, the "
+                        "trainer's); squash = resize the whole image to img_size x img_size, "
+                        "aspect not kept, no crop (the official TResNet "
                         "evaluation at 448, the paper's 448 numbers)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per process per step (default: the checkpoint's val batch, else 64)")
     p.add_argument("--backend", choices=("auto", "dali", "torch"), default="auto",
                    help="decoder: auto = DALI when installed, else torchvision")
-    weights = p.add_mutually_exclusive_group()
-    weights.add_argument("--ema", dest="ema", action="store_true", default=None,
-                         help="evaluate the checkpoint's EMA weights")
-    weights.add_argument("--no-ema", dest="ema", action="store_false",
-                         help="evaluate the model weights (default: whichever the trainer found best)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
                    help="autocast dtype (auto = bf16 on GPU, none on CPU)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
@@ -101,13 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for flag, value in (("--img-size", args.img_size), ("--batch-size", args.batch_size)):
-        if value is not None and value <= 0:
-            raise ValidationError(f"{flag} must be > 0, got {value}")
+    check_size_args(args)
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise ValidationError(f"--batch-size must be > 0, got {args.batch_size}")
     if args.workers is not None and args.workers < 0:
         raise ValidationError(f"--workers must be >= 0, got {args.workers}")
-    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
-        raise ValidationError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if args.crop_pct is not None and args.resize == "squash":
         raise ValidationError("--crop-pct applies to --resize crop; --resize squash crops nothing")
     if args.onnx:
