@@ -181,11 +181,11 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model = create_model(args.model, norm="bn").eval()
     num_classes = model.get_classifier().out_features
-    report = {"command": shlex.join([sys.executable, *sys.argv]),
+    report = {"command": shlex.join(["python", *sys.argv]),  # the interpreter: environment.python
               "environment": environment(torch.device("cuda" if torch.cuda.is_available()
                                                       and args.device != "cpu" else "cpu")),
               "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "cpu": cpu_model(),
-              "settings": {**vars(args)}, "load_before": os.getloadavg()[0], "results": []}
+              "settings": {**vars(args)}, "load_before": round(os.getloadavg()[0], 2), "results": []}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         export_onnx(model, path, args.img_size)
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
         base = next(b for b in report["results"] if b["batch"] == r["batch"]
                     and b["engine"] == "torch-eager-" + r["engine"].rsplit("-", 1)[1])
         r["ratio"] = r["img_per_s"] / base["img_per_s"]
-    report["load_after"] = os.getloadavg()[0]
+    report["load_after"] = round(os.getloadavg()[0], 2)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{report['environment']['date'][:10]}-{device_slug(report['environment'])}-onnx-t{args.threads}"
