@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create or update the project's virtual environment: torch, this package and the extras asked for.
 #
-#   bash scripts/setup_env.sh [EXTRAS]      EXTRAS: comma list of demo,dev,dali,dali-cu13,iabn,plot
+#   bash scripts/setup_env.sh [EXTRAS]      EXTRAS: comma list of demo,dev,dali,dali-cu13,iabn,plot,export
 #
 # Idempotent: a stamp records what was installed, so a second call with the same pyproject.toml and
 # extras returns in a second. Environment: VENV (default .venv), PYTHON (default python3),

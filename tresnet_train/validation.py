@@ -8,6 +8,9 @@ from it, so no config file is needed), timm-format state dicts and the official 
 format (these two need `--model NAME`). Every file is read with `torch.load(weights_only=True)`: a
 pickle that would run code is refused before anything in it runs.
 
+`--onnx model.onnx` evaluates a file from scripts/export.py instead: ONNX Runtime runs it inside the
+same eval loop and loaders, with the classes and preprocessing of the JSON written beside it.
+
 Preprocessing defaults to what the trainer validated with (the checkpoint's data.val_img_size or
 data.img_size, data.crop_pct or the model's crop_pct), so validating `best.pth` reproduces the
 top-1 the trainer logged. That is the crop protocol (timm's: resize the short side to
@@ -50,40 +53,58 @@ class ValidationError(ValueError):
 
 
 # ---- command line ---------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="validate.py",
-        description="Top-1/top-5 of a checkpoint on an ImageFolder validation split "
-                    "(also under torchrun: every image is counted once).",
-        epilog="Example: python validate.py --ckpt runs/tresnet_m/best.pth --data /data/imagenet")
-    p.add_argument("--ckpt", required=True,
-                   help="checkpoint: ours (train.py output), a timm state dict or an official TResNet "
-                        "file (the last two need --model)")
-    p.add_argument("--data", required=True,
-                   help="ImageFolder root holding val/, or the val/ folder itself (one folder per class)")
+def add_weights_args(p: argparse.ArgumentParser, verb: str) -> None:
+    """--model, --ema/--no-ema, --img-size, --crop-pct: which weights, at what size (validate.py and
+    scripts/export.py read checkpoints alike)."""
     p.add_argument("--model", default=None,
                    help="model name (registered or timm/<name>); default: read from our checkpoints")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--ema", dest="ema", action="store_true", default=None,
+                         help=f"{verb} the checkpoint's EMA weights")
+    weights.add_argument("--no-ema", dest="ema", action="store_false",
+                         help=f"{verb} the model weights (default: the weights the run reported, its "
+                              "train.report)")
     p.add_argument("--img-size", type=int, default=None,
                    help="eval crop, pixels (default: the size the checkpoint was validated at, else "
                         "the model's)")
     p.add_argument("--crop-pct", type=float, default=None,
                    help="center-crop fraction: resize the short side to img_size / crop_pct first "
                         "(default: the checkpoint's, else the model's, 0.875 for TResNet)")
-    p.add_argument("--resize", choices=VAL_RESIZE_MODES, default="crop",
-                   help="eval protocol: crop = resize the short side to img_size / crop_pct, then "
-                        "center crop (timm's, the trainer's); squash = resize the whole image to "
-                        "img_size x img_size, aspect not kept, no crop (the official TResNet "
+
+
+def check_size_args(args: argparse.Namespace) -> None:
+    if args.img_size is not None and args.img_size <= 0:
+        raise ValidationError(f"--img-size must be > 0, got {args.img_size}")
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise ValidationError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="validate.py",
+        description="Top-1/top-5 of a checkpoint on an ImageFolder validation split "
+                    "(also under torchrun: every image is counted once).",
+        epilog="Example: python validate.py --ckpt runs/tresnet_m/best.pth --data /data/imagenet")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt",
+                        help="checkpoint: ours (train.py output), a timm state dict or an official "
+                             "TResNet file (the last two need --model)")
+    source.add_argument("--onnx", metavar="FILE",
+                        help="an ONNX file from scripts/export.py, run by ONNX Runtime with the "
+                             "preprocessing in the JSON beside it")
+    p.add_argument("--data", required=True,
+                   help="ImageFolder root holding val/, or the val/ folder itself (one folder per class)")
+    add_weights_args(p, "evaluate")
+    p.add_argument("--resize", choices=VAL_RESIZE_MODES, default=None,
+                   help="eval protocol (default crop; with --onnx the exported one): crop = resize the "
+                        "short side to img_size / crop_pct, then center crop (timm's, the "
+                        "trainer's); squash = resize the whole image to img_size x img_size, "
+                        "aspect not kept, no crop (the official TResNet "
                         "evaluation at 448, the paper's 448 numbers)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per process per step (default: the checkpoint's val batch, else 64)")
     p.add_argument("--backend", choices=("auto", "dali", "torch"), default="auto",
                    help="decoder: auto = DALI when installed, else torchvision")
-    weights = p.add_mutually_exclusive_group()
-    weights.add_argument("--ema", dest="ema", action="store_true", default=None,
-                         help="evaluate the checkpoint's EMA weights")
-    weights.add_argument("--no-ema", dest="ema", action="store_false",
-                         help="evaluate the model weights (default: the weights the run reported, "
-                              "its train.report)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
                    help="autocast dtype (auto = bf16 on GPU, none on CPU)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
@@ -98,15 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for flag, value in (("--img-size", args.img_size), ("--batch-size", args.batch_size)):
-        if value is not None and value <= 0:
-            raise ValidationError(f"{flag} must be > 0, got {value}")
+    check_size_args(args)
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise ValidationError(f"--batch-size must be > 0, got {args.batch_size}")
     if args.workers is not None and args.workers < 0:
         raise ValidationError(f"--workers must be >= 0, got {args.workers}")
-    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
-        raise ValidationError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if args.crop_pct is not None and args.resize == "squash":
         raise ValidationError("--crop-pct applies to --resize crop; --resize squash crops nothing")
+    if args.onnx:
+        fixed = [flag for flag, value in (("--model", args.model), ("--ema/--no-ema", args.ema),
+                                          ("--img-size", args.img_size), ("--crop-pct", args.crop_pct))
+                 if value is not None]
+        if fixed:
+            raise ValidationError(f"{', '.join(fixed)}: fixed in the ONNX file and its JSON at export; "
+                                  f"pass them to scripts/export.py instead")
 
 
 # ---- what to evaluate -------------------------------------------------------------------------------
@@ -160,51 +186,129 @@ def _load_strict(model: nn.Module, state_dict: dict, what: str) -> None:
             f"{result.unexpected_keys[:3]}; is --model right?")
 
 
-def resolve(args: argparse.Namespace) -> Plan:
-    """Read the checkpoint, check the classes, build the model with its weights (CPU), and settle
-    the preprocessing. Identical on every rank, so an error surfaces before any collective."""
-    from .data import DataError, index_images
-    from .models import UnknownModelError, check_model_name, create_model, get_data_config
+@dataclass
+class Weights:
+    """The weights a checkpoint file holds, chosen and in timm/our key layout, with what came along."""
+    path: str
+    model_name: str
+    ours: bool  # ours (trainer checkpoint or ONNX export): model name, config and classes inside
+    weights: str  # model | ema | state_dict
+    fmt: str  # tresnet-train | timm | official
+    cfg: Config  # the checkpoint's config (ours), else the defaults with model.name set
+    data_config: dict  # the model's preprocessing facts (the checkpoint's copy for ours)
+    state_dict: dict
+    classes: list[str] | None  # class folder names the checkpoint was trained on (ours)
+    trainer_val: dict  # the trainer's last validation before the checkpoint was saved (ours)
+    resize_mode: str = "crop"  # the eval protocol it comes with (an ONNX export's JSON)
+    onnx_model: nn.Module | None = None  # an exported file, run by ONNX Runtime (--onnx)
+
+
+def read_weights(path: str | Path, model: str | None = None, ema: bool | None = None) -> Weights:
+    """Read a checkpoint (ours, timm or official) and pick its weights as validate.py does: `ema`
+    True/False forces EMA/model weights; None takes the weights the run reported (ours, its train.report) or the
+    plain state dict. `model` names the architecture (needed for timm and official files)."""
+    from .models import UnknownModelError, check_model_name, get_data_config
     from .models.checkpoints import (detect_format, select_state_dict, strip_wrapper_prefixes,
                                      to_timm_layout)
 
-    state = ckpt.load(args.ckpt)  # weights_only: a pickle that would run code is refused here
+    state = ckpt.load(path)  # weights_only: a pickle that would run code is refused here
     if not isinstance(state, dict):
-        raise ValidationError(f"{args.ckpt} holds a {type(state).__name__}, not a checkpoint or "
+        raise ValidationError(f"{path} holds a {type(state).__name__}, not a checkpoint or "
                               f"state dict")
     ours = "model_name" in state and isinstance(state.get("config"), dict)
-    name = args.model or (state["model_name"] if ours else None)
+    name = model or (state["model_name"] if ours else None)
     if name is None:
-        raise ValidationError(f"{args.ckpt} is not a tresnet-train checkpoint (no model name inside): "
+        raise ValidationError(f"{path} is not a tresnet-train checkpoint (no model name inside): "
                               f"pass --model NAME (e.g. --model tresnet_m, or timm/<name>)")
     try:
         check_model_name(name)
     except UnknownModelError as e:
         raise ValidationError(f"--model: {e}") from None
 
-    # which weights, in timm/our key layout
     if ours:
         try:
             cfg = from_dict(state["config"])
         except ConfigError as e:
-            raise ValidationError(f"{args.ckpt}: its stored config is not valid here ({e})") from None
-        weights = "ema" if (args.ema if args.ema is not None else state.get("best_source") == "ema") \
-            else "model"
+            raise ValidationError(f"{path}: its stored config is not valid here ({e})") from None
+        weights = "ema" if (ema if ema is not None else state.get("best_source") == "ema") else "model"
         fmt, raw = "tresnet-train", state.get(weights)
         data_config = dict(state.get("data_config") or get_data_config(name))
     else:
         cfg, data_config = Config(), get_data_config(name)
         cfg.model.name = name
-        weights = "ema" if args.ema else "state_dict"
+        weights = "ema" if ema else "state_dict"
         try:
-            raw = select_state_dict(state, use_ema=bool(args.ema), source=str(args.ckpt))
+            raw = select_state_dict(state, use_ema=bool(ema), source=str(path))
         except ValueError as e:
             raise ValidationError(str(e)) from None
         fmt = detect_format(strip_wrapper_prefixes(raw))
     if not isinstance(raw, dict):
-        raise ValidationError(f"{args.ckpt} holds no {weights} weights (EMA is absent when trained "
+        raise ValidationError(f"{path} holds no {weights} weights (EMA is absent when trained "
                               f"with train.ema=false): use --no-ema")
-    state_dict = to_timm_layout(raw)
+    return Weights(path=str(path), model_name=name, ours=ours, weights=weights, fmt=fmt, cfg=cfg,
+                   data_config=data_config, state_dict=to_timm_layout(raw),
+                   classes=list(state["classes"]) if ours and state.get("classes") else None,
+                   trainer_val=dict(state.get("val") or {}) if ours else {})
+
+
+def read_onnx(path: str | Path) -> Weights:
+    """An exported ONNX file as `Weights`: ONNX Runtime runs it, the JSON beside it gives the
+    classes and the preprocessing it was exported with (scripts/export.py)."""
+    from .export import OnnxModel, read_sidecar
+    info = read_sidecar(path)
+    cfg = Config()
+    cfg.model.name, cfg.model.num_classes = info["model"], int(info["num_classes"])
+    cfg.data.val_img_size = int(info["input_size"][-1])
+    cfg.data.crop_pct = info.get("crop_pct")
+    data_config = {"input_size": tuple(info["input_size"]), "crop_pct": info.get("crop_pct") or 0.875,
+                   "interpolation": info["interpolation"], "mean": info.get("mean") or (0.0, 0.0, 0.0),
+                   "std": info.get("std") or (1.0, 1.0, 1.0)}
+    return Weights(path=str(path), model_name=info["model"], ours=True, weights=info.get("weights", "?"),
+                   fmt="onnx", cfg=cfg, data_config=data_config, state_dict={},
+                   classes=info.get("classes"), trainer_val={}, resize_mode=info["resize_mode"],
+                   onnx_model=OnnxModel(path))
+
+
+def checkpoint_num_classes(w: Weights) -> int | None:
+    """The classes the weights were trained on: our config's, else the classifier's rows (None for
+    a file without a classifier)."""
+    if w.ours:
+        return w.cfg.model.num_classes
+    from .models import create_model
+    with torch.device("meta"):  # only the classifier's key is needed: nothing is allocated
+        head = _head_key(create_model(w.model_name, norm="bn"))
+    return int(w.state_dict[head].shape[0]) if head in w.state_dict else None
+
+
+def build_model(w: Weights, num_classes: int) -> nn.Module:
+    """The model with `w`'s weights (CPU, eval mode), BatchNorm whatever the run trained with:
+    checkpoints hold BatchNorm-convention weights, also from InPlace-ABN runs
+    (models/inplace_abn_norm.py), and evaluation gains nothing from InPlace-ABN."""
+    from .models import create_model
+    model = create_model(w.model_name, num_classes=num_classes, norm="bn")
+    _load_strict(model, w.state_dict, f"the {w.weights} weights in {w.path}")
+    return model.eval()
+
+
+def set_eval_size(w: Weights, img_size: int | None = None, crop_pct: float | None = None) -> None:
+    """Eval crop size and crop_pct into `w.cfg.data`: the given ones, else what the trainer validated
+    at (ours: data.val_img_size or data.img_size, data.crop_pct or the model's), else the model's."""
+    d = w.cfg.data
+    if img_size is not None:
+        d.val_img_size = img_size
+    elif not w.ours:
+        d.val_img_size = int(w.data_config["input_size"][-1])
+    if crop_pct is not None:
+        d.crop_pct = crop_pct
+
+
+def resolve(args: argparse.Namespace) -> Plan:
+    """Read the checkpoint, check the classes, build the model with its weights (CPU), and settle
+    the preprocessing. Identical on every rank, so an error surfaces before any collective."""
+    from .data import DataError, index_images
+
+    w = read_onnx(args.onnx) if args.onnx else read_weights(args.ckpt, args.model, args.ema)
+    ours, cfg, data_config = w.ours, w.cfg, w.data_config
 
     # the classes: the folder's count must be the model's
     val_dir = val_folder(args.data)
@@ -212,44 +316,29 @@ def resolve(args: argparse.Namespace) -> Plan:
         classes = index_images(val_dir, verify=False).classes
     except DataError as e:
         raise ValidationError(f"--data: {e}") from None
-
-    def check_count(num_classes: int) -> None:
-        if num_classes != len(classes):
-            raise ValidationError(
-                f"class count mismatch: {args.ckpt} was trained on {num_classes} classes but "
-                f"{val_dir} has {len(classes)} class folders; validate on the dataset the "
-                f"checkpoint was trained on")
-
-    if ours:
-        check_count(cfg.model.num_classes)
-    # BatchNorm whatever the run trained with: checkpoints hold BatchNorm-convention weights, also
-    # from InPlace-ABN runs (models/inplace_abn_norm.py), and evaluation gains nothing from IABN.
-    model = create_model(name, num_classes=len(classes), norm="bn")
-    head = _head_key(model)
-    if not ours and head in state_dict:  # the classifier's shape: the classes it was trained on
-        check_count(state_dict[head].shape[0])
-    if ours and state.get("classes") and list(state["classes"]) != classes:
+    num_classes = checkpoint_num_classes(w)
+    if num_classes is not None and num_classes != len(classes):
+        raise ValidationError(
+            f"class count mismatch: {w.path} was trained on {num_classes} classes but "
+            f"{val_dir} has {len(classes)} class folders; validate on the dataset the "
+            f"checkpoint was trained on")
+    if w.classes and w.classes != classes:
         log.warning("warning: the class folder names in %s differ from the ones %s was trained on "
-                    "(same count, %d): labels follow the sorted folder names", val_dir, args.ckpt,
+                    "(same count, %d): labels follow the sorted folder names", val_dir, w.path,
                     len(classes))
-    _load_strict(model, state_dict, f"the {weights} weights in {args.ckpt}")
+    model = w.onnx_model if args.onnx else build_model(w, len(classes))
 
     # this run's settings on top of what the trainer used (ours) or the defaults (other formats)
+    set_eval_size(w, args.img_size, args.crop_pct)
     d = cfg.data
     d.source, d.root, d.backend = "folder", str(val_dir), args.backend
-    if args.img_size is not None:
-        d.val_img_size = args.img_size
-    elif not ours:
-        d.val_img_size = int(data_config["input_size"][-1])
-    if args.crop_pct is not None:
-        d.crop_pct = args.crop_pct
     d.val_batch_size = args.batch_size or d.val_batch_size or d.batch_size
     if args.workers is not None:
         d.workers = args.workers
-    cfg.train.amp, cfg.run.device = args.amp, args.device
-    return Plan(model=model, model_name=name, weights=weights, fmt=fmt, cfg=cfg,
+    cfg.train.amp, cfg.run.device = ("none" if args.onnx else args.amp), args.device
+    return Plan(model=model, model_name=w.model_name, weights=w.weights, fmt=w.fmt, cfg=cfg,
                 data_config=data_config, val_dir=val_dir, classes=classes,
-                trainer_val=dict(state.get("val") or {}) if ours else {}, resize_mode=args.resize)
+                trainer_val=w.trainer_val, resize_mode=args.resize or w.resize_mode)
 
 
 def build_val_loader(plan: Plan, world: World, device: torch.device):
@@ -349,7 +438,7 @@ def run(args: argparse.Namespace) -> dict:
     elapsed = max(gather_objects(time.perf_counter() - t0))  # the slowest rank's loop
 
     result = {
-        "model": plan.model_name, "checkpoint": str(args.ckpt), "weights": plan.weights,
+        "model": plan.model_name, "checkpoint": str(args.onnx or args.ckpt), "weights": plan.weights,
         "format": plan.fmt, **metrics, "num_classes": len(plan.classes), "img_size": pre.val_img_size,
         "resize_mode": pre.val_resize_mode, "resize": pre.val_resize,
         "crop_pct": pre.crop_pct if pre.val_resize_mode == "crop" else None,
