@@ -205,8 +205,8 @@ class Weights:
 
 def read_weights(path: str | Path, model: str | None = None, ema: bool | None = None) -> Weights:
     """Read a checkpoint (ours, timm or official) and pick its weights as validate.py does: `ema`
-    True/False forces EMA/model weights; None takes the weights the run reported (ours, its train.report) or the
-    plain state dict. `model` names the architecture (needed for timm and official files)."""
+    True/False forces EMA/model weights; None takes the weights the run reported (ours: its
+    train.report) or the plain state dict. `model` names the architecture (timm, official files)."""
     from .models import UnknownModelError, check_model_name, get_data_config
     from .models.checkpoints import (detect_format, select_state_dict, strip_wrapper_prefixes,
                                      to_timm_layout)
