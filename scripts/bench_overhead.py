@@ -209,17 +209,19 @@ def run_child(args, backend: str, variant: str) -> dict:
         else:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", variant,
                    "--backend", backend, *child_args(args)]
+        load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=1800)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
-            return {"error": f"exit {proc.returncode}: {tail}", "wall_s": round(wall, 1)}
+            return {"error": f"exit {proc.returncode}: {tail}", "wall_s": round(wall, 1),
+                    "load_before": load_before}
         if variant.startswith("trainpy"):
             result = {"img_per_s": trainpy_img_per_s(Path(tmp) / "run" / "metrics.jsonl", args)}
         else:
             result = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {**result, "wall_s": round(wall, 1)}
+    return {**result, "wall_s": round(wall, 1), "load_before": load_before}
 
 
 def child_args(args) -> list[str]:
@@ -295,10 +297,12 @@ def to_markdown(report: dict) -> str:
              "", f"Command (from the repository root): `{report['command']}`", "",
              f"{s['model']}, {s['img_size']} px crops of the photos in `{s['data_name']}` "
              f"({s['train_images']} train images, {s['photo_size']}), batch {s['batch']}, "
-             f"{s['workers']} loader workers, {s['amp']}, SGD; img/s over {s['steps']} steps after "
-             f"{s['warmup']} untimed ones; each measurement in a fresh process; variants interleaved "
-             f"in {s['repeats']} rounds (load on a shared machine hits them alike), median reported; "
-             "ratios are medians of per-round ratios.", "",
+             f"{s['workers']} loader workers, {'fp32' if s['amp'] == 'none' else s['amp']}, SGD; img/s "
+             f"over {s['steps']} steps after {s['warmup']} untimed ones; each measurement in a fresh "
+             f"process; variants interleaved in rounds (load on a shared machine hits them alike), "
+             f"{len(report['rounds'])} of {s['repeats']} rounds done, median reported; ratios are "
+             "medians of per-round ratios. Load average (1 min) before each measurement: "
+             f"{load_range(report)}.", "",
              "| backend | variant | img/s (median) | per round |", "|---|---|---|---|"]
     for key, m in report["medians"].items():
         backend, variant = key.split("/")
@@ -313,6 +317,11 @@ def to_markdown(report: dict) -> str:
         lines.append(f"| {r['numerator']} / {r['denominator']} | {r['ratio']:.3f} | "
                      f"{', '.join(f'{v:.3f}' for v in r['per_round'])} | {goal} | {result} |")
     return "\n".join(lines) + "\n"
+
+
+def load_range(report: dict) -> str:
+    loads = [r["load_before"] for rnd in report["rounds"] for r in rnd.values() if "load_before" in r]
+    return f"{min(loads):.1f}-{max(loads):.1f}" if loads else "not recorded"
 
 
 def prepare_data(args) -> None:

@@ -39,6 +39,7 @@ def test_miniature_run_reports_every_variant_and_the_ratios(tmp_path):
     for key, result in round_.items():
         assert "error" not in result, (key, result)
         assert result["img_per_s"] > 0 and math.isfinite(result["img_per_s"])
+        assert result["load_before"] >= 0
     ratios = {(r["numerator"], r["denominator"]): r for r in report["ratios"]}
     overhead = ratios[("torch/trainpy", "torch/bare")]
     assert overhead["ratio"] == pytest.approx(round_["torch/trainpy"]["img_per_s"]
@@ -74,6 +75,8 @@ def test_ratios_are_medians_of_per_round_ratios():
     assert rows["trainpy_vs_bare"]["status"] == "met"
     assert rows["loader_vs_timm_loader"]["ratio"] == pytest.approx(10 / 9)
     assert "trainpy_full_vs_bare" not in rows  # not measured: no row
+    assert bo.load_range({"rounds": [{"a": {"load_before": 3.0}}, {"b": {"load_before": 12.5}}]}) == (
+        "3.0-12.5")
 
 
 def test_overrides_are_valid_config_and_differ_only_in_the_recipe(tmp_path):
