@@ -144,7 +144,7 @@ def our_loader(args, backend: str, device: torch.device):
     from tresnet_train.distributed import World
     from tresnet_train.models import create_model, get_data_config
     cfg = load_config(None, overrides(args, backend, "bare"))
-    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, norm="bn")
+    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, norm=cfg.model.norm)
     train_loader, _ = build_loaders(cfg, get_data_config(model), World(), device)
     return model, train_loader
 
@@ -154,7 +154,7 @@ def timm_loader(args, device: torch.device):
     jitter, the model's interpolation, mean and std, normalised by timm's prefetcher."""
     from timm.data import create_dataset, create_loader
     from tresnet_train.models import create_model, get_data_config
-    model = create_model(args.model, num_classes=num_classes(args.data), norm="bn")
+    model = create_model(args.model, num_classes=num_classes(args.data))  # norm auto, as train.py
     dc = get_data_config(model)
     dataset = create_dataset("", root=str(Path(args.data) / "train"), is_training=True)
     loader = create_loader(dataset, (3, args.img_size, args.img_size), args.batch, is_training=True,
