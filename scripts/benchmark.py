@@ -850,7 +850,12 @@ def output_paths(args, env: dict) -> tuple[Path, Path]:
 
 def write(report: dict, json_path: Path, md_path: Path, mirror: str | None = None) -> None:
     report["targets"] = compute_targets(report)
-    text, md = json.dumps(report, indent=1, default=str), to_markdown(report)
+    write_files(json_path, md_path, json.dumps(report, indent=1, default=str), to_markdown(report),
+                mirror)
+
+
+def write_files(json_path: Path, md_path: Path, text: str, md: str, mirror: str | None = None) -> None:
+    """The report's .json (atomically: a killed call leaves a whole file) and .md, and their copies."""
     for folder in [json_path.parent] + ([Path(mirror)] if mirror else []):
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / (json_path.name + ".tmp")

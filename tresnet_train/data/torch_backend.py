@@ -2,8 +2,8 @@
 
 Exact resume: each sample's augmentation is seeded from (seed, epoch, global position) inside
 `__getitem__` (torch, numpy and `random`, which timm's RandAugment uses), so the pixels do not depend
-on which worker decoded the sample or where the run was resumed; the main process's global RNG
-states are restored afterwards (workers=0 runs in the main process). A file that fails to decode
+on which worker decoded the sample or where the run was resumed; in the main process (workers=0)
+the global RNG states are restored afterwards. A file that fails to decode
 despite the indexing check is replaced by the next sample, reported once, and listed in `skipped`
 (with data.strict=true it is a DataError instead).
 """
@@ -17,7 +17,7 @@ import signal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .folder import DataError, Split
 from .plan import ResumableTrainLoader, TrainPlan, ValPlan
@@ -30,18 +30,25 @@ _MAX_TRIES = 10  # consecutive undecodable files before giving up on a sample
 
 @contextlib.contextmanager
 def _seeded(seed: int):
-    """Seed torch's CPU generator, numpy and `random` for one sample; restore them afterwards."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    cpu_state = torch.random.get_rng_state()
+    """Seed torch's CPU generator, numpy and `random` for one sample.
+
+    In the main process (workers=0) their states are restored afterwards. A loader worker's global
+    streams serve nothing but its samples, so it skips the save and restore: numpy's alone takes
+    about 170 us a sample (timeit, 2-core CPU), some 4% of decoding and cropping a 320 px JPEG.
+    """
+    saved = None
+    if get_worker_info() is None:
+        saved = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     torch.random.default_generator.manual_seed(seed)  # CPU only: CUDA generators are left alone
     random.seed(seed)
     np.random.seed(seed)
     try:
         yield
     finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.random.set_rng_state(cpu_state)
+        if saved is not None:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.random.set_rng_state(saved[2])
 
 
 class ImageDataset(Dataset):

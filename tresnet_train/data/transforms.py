@@ -84,10 +84,14 @@ class Normalize:
 
 
 def load_rgb(path: str) -> Image.Image:
-    """torchvision's default loader: Pillow, converted to RGB (CMYK, greyscale, palette all work)."""
+    """torchvision's default loader: Pillow, converted to RGB (CMYK, greyscale, palette all work).
+
+    An image that is RGB already is returned as decoded: Pillow's `convert("RGB")` would copy it.
+    """
     with open(path, "rb") as f:
         img = Image.open(f)
-        return img.convert("RGB")
+        img.load()
+        return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
