@@ -1,5 +1,6 @@
-"""Faults injected on purpose: kills (one mid checkpoint write), full disk, bad configs, untrusted
-files, fp16 overflow, a failing rank. Each must lose nothing and say clearly what happened."""
+"""Faults injected on purpose: kills (one mid checkpoint write), two runs on one folder, full disk,
+bad configs, untrusted files, fp16 overflow, a failing rank. Each must lose nothing and say clearly
+what happened."""
 from __future__ import annotations
 
 import errno
@@ -7,6 +8,7 @@ import json
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ from data_helpers import real_photos
 from trainer_helpers import (ROOT, assert_same_weights, env, kill_run, load, start_train,
                              tiny_overrides, train, wait_for_step)
 from tresnet_train import checkpoint
+from tresnet_train.run_lock import LOCK_NAME
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,37 @@ def test_kill_at_three_points_one_mid_write_ends_identical(tmp_path, digits, ref
     assert all(_readable_or_absent(p) for p in out.rglob("*.pth"))
     resumed = train(overrides)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "taking over the run lock" in resumed.stdout and "its process is dead" in resumed.stdout
     assert_same_weights(load(out / "last.pth"), load(reference / "last.pth"))
+
+
+def test_second_run_on_a_busy_folder_is_refused_and_the_first_is_untouched(tmp_path, digits,
+                                                                            reference):
+    out, ready, go = tmp_path / "run", tmp_path / "ready", tmp_path / "go"
+    overrides = tiny_overrides(out, digits, **{"train.epochs": 3})
+    first = subprocess.Popen([sys.executable, "tests/gated_train.py", str(ready), str(go),
+                              "--config", "configs/demo.yaml", *overrides], cwd=ROOT, env=env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 900  # a hang guard, not a pace
+        while not ready.exists():
+            assert first.poll() is None, first.stdout.read()
+            assert time.time() < deadline
+            time.sleep(0.05)
+        second = train(overrides)
+        assert second.returncode == 2, second.stdout + second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"run folder {out} is in use by another run (pid {first.pid} on " \
+            f"host {socket.gethostname()}" in lines[0] and "choose another run.output_dir" in lines[0], \
+            second.stderr
+    finally:
+        go.touch()
+        stdout, _ = first.communicate(timeout=900)
+    assert first.returncode == 0, stdout
+    assert_same_weights(load(out / "last.pth"), load(reference / "last.pth"))
+    records = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(records) == len((reference / "metrics.jsonl").read_text().splitlines())
+    assert not (out / LOCK_NAME).exists()  # handed back at the end
 
 
 def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):
@@ -142,7 +175,7 @@ def test_fp16_overflow_is_absorbed_by_the_scaler(tmp_path, digits):
     assert scaler.is_enabled()
     scaler._init_scale = 2.0 ** 100  # the first steps' fp16 gradients overflow to inf
     assert trainer.fit() == 0
-    trainer.metrics.close()
+    trainer.close()
     assert scaler.get_scale() < 2.0 ** 100  # overflowing steps were skipped and the scale backed off
     final = load(tmp_path / "run" / "last.pth")
     assert all(torch.isfinite(t).all() for t in final["model"].values() if t.is_floating_point())

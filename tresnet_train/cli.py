@@ -46,11 +46,12 @@ def train_main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .run_lock import RunLockError
     try:
         return run(cfg)
     except ConfigError as e:  # found while building (e.g. 0 steps per epoch, resume mismatch)
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    except (DataError, CheckpointError) as e:  # a file the user can fix or replace
+    except (DataError, CheckpointError, RunLockError) as e:  # a file or folder the user can fix
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG

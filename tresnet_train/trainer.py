@@ -3,11 +3,12 @@
 preflight (config, model name, data folder: seconds, before any GPU or data work) -> distributed world
 -> model -> data -> optimizer and schedule -> resume -> epochs of train + validate + checkpoint.
 
-Exit codes of train.py: 0 finished, 2 bad config, 75 stopped by SIGTERM/SIGUSR1 after writing a
+Exit codes of train.py: 0 finished, 2 bad config (or the run folder is in use by another run), 75 stopped by SIGTERM/SIGUSR1 after writing a
 resumable checkpoint (SLURM requeues on it), 130 stopped by Ctrl-C the same way, 1 anything else (a non-finite loss included).
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -37,6 +38,7 @@ from .models import UnknownModelError, check_model_name, create_model, get_data_
 from .models.layers import inplace_abn_layers
 from .optim import build_optimizer, build_schedule, scaled_lr
 from .precision import GradClipper, Precision, PrecisionError, enable_tf32, resolve_amp
+from .run_lock import RunLock, RunLockError
 from .sync_norm import convert_sync_norm
 
 log = logging.getLogger("tresnet_train")
@@ -227,6 +229,22 @@ def weights_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def hold_run_folder(out: Path, world: World) -> RunLock:
+    """Rank 0 takes the run folder's lock (run_lock.py); every rank raises RunLockError when
+    another live run holds it. Released by `Trainer.close()`, or at exit."""
+    lock, error = RunLock(out), None
+    if world.is_main:
+        try:
+            lock.acquire()
+            atexit.register(lock.release)
+        except RunLockError as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error:
+        raise RunLockError(error)
+    return lock
+
+
 class Trainer:
     """Holds the run's parts between builders; `fit()` is the epoch loop."""
 
@@ -236,6 +254,7 @@ class Trainer:
         self.world, self.device = init_distributed(cfg.run.device, cfg.run.dist_timeout_min)
         setup_console(self.world)
         self.out = Path(cfg.run.output_dir)
+        self.lock = hold_run_folder(self.out, self.world)
         if self.world.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.out / "config.yaml")
@@ -279,6 +298,11 @@ class Trainer:
         self.resume()
         self.metrics = MetricsLog(self.out, self.world.is_main, cfg.run.tensorboard,
                                   resume_step=self.epoch * self.steps + self.start_step)
+
+    def close(self) -> None:
+        """Close the metrics and hand the run folder back (its lock)."""
+        self.metrics.close()
+        self.lock.release()
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state(self, epoch: int, step: int) -> dict:
@@ -570,5 +594,5 @@ def run(cfg: Config) -> int:
         return EXIT_FAILED
     finally:
         if trainer is not None:
-            trainer.metrics.close()
+            trainer.close()
         cleanup(failed=not ok)
