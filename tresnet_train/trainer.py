@@ -3,8 +3,9 @@
 preflight (config, model name, data folder: seconds, before any GPU or data work) -> distributed world
 -> model -> data -> optimizer and schedule -> resume -> epochs of train + validate + checkpoint.
 
-Exit codes of train.py: 0 finished, 2 bad config (or the run folder is in use by another run), 75 stopped by SIGTERM/SIGUSR1 after writing a
-resumable checkpoint (SLURM requeues on it), 130 stopped by Ctrl-C the same way, 1 anything else (a non-finite loss included).
+Exit codes of train.py: 0 finished, 2 bad config, a run folder in use by another run or too small,
+75 stopped by SIGTERM/SIGUSR1 after writing a resumable checkpoint (SLURM requeues on it), 130
+stopped by Ctrl-C the same way, 1 anything else (a non-finite loss, a checkpoint write that failed).
 """
 from __future__ import annotations
 
