@@ -112,6 +112,102 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # no temp file left behind
 
 
+def test_a_write_that_torch_reports_as_unexpected_pos_is_a_disk_error(tmp_path, monkeypatch):
+    """torch's zip writer turns a full disk into `RuntimeError: [enforce fail ...] unexpected pos`;
+    the checkpoint writer still names it, with the bytes, and leaves the previous file."""
+    path = tmp_path / "last.pth"
+    checkpoint.save_atomic({"model": {"w": torch.ones(3)}, "global_step": 1}, path)
+    real_fdopen = os.fdopen
+
+    class FullAfter4KiB:
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            if self.written + len(data) > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written += len(data)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode: FullAfter4KiB(real_fdopen(fd, mode)))
+    with pytest.raises(checkpoint.CheckpointWriteError) as raised:
+        checkpoint.save_atomic({"model": {"w": torch.zeros(100_000)}, "global_step": 2}, path)
+    monkeypatch.undo()
+    assert str(raised.value).startswith(f"disk full while writing checkpoint {path}: 400,000 bytes "
+                                        f"attempted, ")
+    assert "bytes free in" in str(raised.value) and "\n" not in str(raised.value)
+    assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`small_disk(megabytes)`: a fresh tmpfs of that size (needs root: skipped otherwise)."""
+    mounts = []
+
+    def mount(megabytes: int):
+        folder = tmp_path / f"disk{len(mounts)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs",
+                               str(folder)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); "
+                        f"test_a_write_that_torch_reports_as_unexpected_pos_is_a_disk_error "
+                        f"injects the same fault")
+        mounts.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounts:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_run_folder_too_small_for_its_checkpoints_fails_at_start(small_disk, digits):
+    disk = small_disk(12)  # tresnet_tiny's checkpoint is ~6 MB; last + best + the next need 3
+    proc = train(tiny_overrides(disk / "run", digits))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"config error: run.output_dir {disk / 'run'} has "
+                                                   f"12,5"), proc.stderr
+    assert "bytes free but this run's checkpoints need about 18," in lines[0]
+    assert "(3 files of 6," in lines[0] and "lower run.keep_top_k" in lines[0]
+
+
+def test_disk_full_mid_run_ends_with_one_line_and_keeps_the_last_checkpoint(tmp_path, small_disk,
+                                                                            digits):
+    disk = small_disk(24)
+    out, ready, go = disk / "run", tmp_path / "ready", tmp_path / "go"
+    run = subprocess.Popen([sys.executable, "tests/gated_train.py", str(ready), str(go), "--config",
+                            "configs/demo.yaml", *tiny_overrides(out, digits, **{
+                                "run.ckpt_every_steps": 1})],
+                           cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    deadline = time.time() + 900  # a hang guard, not a pace
+    while not ready.exists():
+        assert run.poll() is None and time.time() < deadline, run.communicate()
+        time.sleep(0.05)
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    (disk / "filler").write_bytes(b"\0" * (free - 9_000_000))  # room for 1.5 checkpoints
+    go.touch()
+    stdout, stderr = run.communicate(timeout=900)
+    assert run.returncode == 1, stdout + stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: disk full while writing checkpoint {out / 'last.pth'}: 5,"), stderr
+    assert "bytes attempted, " in lines[0] and f"bytes free in {out}; the previous" in lines[0]
+    assert load(out / "last.pth")["global_step"] == 1  # the first step's, whole
+    assert not list(out.rglob("*.tmp")) and "Traceback" not in stdout + stderr
+
+
 class _Payload:
     def __init__(self, marker):
         self.marker = marker

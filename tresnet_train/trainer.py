@@ -230,20 +230,56 @@ def weights_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def hold_run_folder(out: Path, world: World) -> RunLock:
-    """Rank 0 takes the run folder's lock (run_lock.py); every rank raises RunLockError when
-    another live run holds it. Released by `Trainer.close()`, or at exit."""
-    lock, error = RunLock(out), None
+def on_rank_0(world: World, check) -> None:
+    """Run `check()` on rank 0; a ConfigError or RunLockError it raises is raised on every rank."""
+    error = None
     if world.is_main:
         try:
-            lock.acquire()
-            atexit.register(lock.release)
-        except RunLockError as e:
-            error = str(e)
+            check()
+        except (ConfigError, RunLockError) as e:
+            error = (type(e) is RunLockError, str(e))
     error = broadcast_object(error)
     if error:
-        raise RunLockError(error)
+        raise (RunLockError if error[0] else ConfigError)(error[1])
+
+
+def hold_run_folder(out: Path, world: World) -> RunLock:
+    """Rank 0 checks that the run folder takes files and takes its lock (run_lock.py); every rank
+    raises when either fails. Released by `Trainer.close()`, or at exit."""
+    lock = RunLock(out)
+
+    def check():
+        unwritable = ckpt.check_writable(out)
+        if unwritable:
+            raise ConfigError(unwritable)
+        lock.acquire()
+        atexit.register(lock.release)
+
+    on_rank_0(world, check)
     return lock
+
+
+def checkpoint_bytes(cfg: Config, model: nn.Module, ema) -> int:
+    """About one checkpoint's size: model and EMA tensors, the optimizer's per-parameter slots
+    (created at the first step: SGD's momentum buffer, AdamW's and LAMB's two moments), and about
+    1 KiB of zip entry and pickle per tensor (tresnet_tiny: 6.02 MB written, 6.17 MB estimated)."""
+    params = list(model.parameters())
+    slots = 2 if cfg.optim.name in ("adamw", "lamb") else int(cfg.optim.momentum > 0)
+    copies = 2 if ema.module is not None else 1
+    state = model.state_dict()
+    tensors = copies * len(state) + slots * len(params)
+    return (copies * ckpt.tensor_bytes(state) + slots * ckpt.tensor_bytes(params)
+            + tensors * 1024)
+
+
+def check_room(out: Path, size: int, keep_top_k: int) -> None:
+    """Rank 0: a ConfigError when the run folder cannot hold the run's checkpoints, a warning when
+    that is uncertain (checkpoint.check_room)."""
+    short = ckpt.check_room(out, size, keep_top_k)
+    if short and short[0]:
+        raise ConfigError(short[1])
+    if short:
+        log.warning("warning: %s", short[1])
 
 
 class Trainer:
@@ -296,6 +332,8 @@ class Trainer:
         self.best = {"top1": -1.0, "epoch": -1, "source": "model"}
         self.topk = ckpt.TopK(self.out, cfg.run.keep_top_k)
         self.last_val: dict = {}
+        on_rank_0(self.world, lambda: check_room(self.out, checkpoint_bytes(cfg, self.model, self.ema),
+                                                 cfg.run.keep_top_k))
         self.resume()
         self.metrics = MetricsLog(self.out, self.world.is_main, cfg.run.tensorboard,
                                   resume_step=self.epoch * self.steps + self.start_step)
