@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
@@ -206,6 +207,44 @@ def test_disk_full_mid_run_ends_with_one_line_and_keeps_the_last_checkpoint(tmp_
     assert "bytes attempted, " in lines[0] and f"bytes free in {out}; the previous" in lines[0]
     assert load(out / "last.pth")["global_step"] == 1  # the first step's, whole
     assert not list(out.rglob("*.tmp")) and "Traceback" not in stdout + stderr
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_training_files_that_vanish_mid_run_are_skipped_then_end_the_run(tmp_path, digits, backend):
+    """Two training files deleted after indexing, with room for one (data.max_bad_fraction=0.001 of
+    1,438 files): the first is skipped and named and training goes on; the second ends the run."""
+    from tresnet_train.data import TrainPlan, index_split
+
+    root, out, ready, go = tmp_path / "digits", tmp_path / "run", tmp_path / "ready", tmp_path / "go"
+    shutil.copytree(digits, root)
+    samples = index_split(root, "train", verify=False).samples
+    order = TrainPlan(len(samples), 16, 1, 0, seed=7).rank_indices(0)  # tiny_overrides' plan
+    first, second = (samples[order[k]][0] for k in (20, 90))  # read at steps 2 and 6 (1-based)
+    run = subprocess.Popen(
+        [sys.executable, "tests/gated_train.py", str(ready), str(go), "--config", "configs/demo.yaml",
+         *tiny_overrides(out, root, **{"data.source": "folder", "data.backend": backend,
+                                       "data.max_bad_fraction": 0.001})],
+        cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 900  # a hang guard, not a pace
+    while not ready.exists():
+        assert run.poll() is None and time.time() < deadline, run.communicate()
+        time.sleep(0.05)
+    os.unlink(first)
+    os.unlink(second)
+    go.touch()
+    stdout, stderr = run.communicate(timeout=900)
+    assert run.returncode == 2, stdout + stderr
+    assert f"skipping training file {first} (FileNotFoundError" in stdout
+    assert "failed after indexing (deleted, unreadable or corrupt); 1 of 1438 skipped so far, up to " \
+           "1 allowed" in stdout
+    if backend == "dali":  # its reader stopped at the file: the pipeline was rebuilt without it
+        assert "DALI: rebuilding the epoch 1 pipeline at step 1 without the skipped" in stdout
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 4], steps  # trained on past the first file
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: 2 of 1438 training files failed after indexing, more than "
+        "data.max_bad_fraction=0.001 allows (1); the last: " + second), stderr
 
 
 class _Payload:
