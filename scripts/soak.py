@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -69,8 +70,10 @@ def epoch_start(metrics: Path) -> int:
     return max(starts, default=0)
 
 
-def soak(backend: str, steps: int, every: int, run_dir: Path, overrides: list[str]) -> dict:
-    """Train `steps` steps (rounded up to whole epochs) on `backend`; samples every `every` steps."""
+def soak(backend: str, steps: int, every: int, run_dir: Path, overrides: list[str],
+         max_minutes: float = 0.0) -> dict:
+    """Train `steps` steps (rounded up to whole epochs) on `backend`; samples every `every` steps.
+    `max_minutes` > 0: stop the run with SIGTERM after that long (it checkpoints and exits 75)."""
     epochs = math.ceil(steps / STEPS_PER_EPOCH)
     command = [sys.executable, "train.py", "--config", "configs/demo.yaml",
                f"data.backend={backend}", f"train.epochs={epochs}",
@@ -80,17 +83,27 @@ def soak(backend: str, steps: int, every: int, run_dir: Path, overrides: list[st
     log = open(run_dir.with_suffix(".log"), "w")
     t0 = time.perf_counter()
     proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    samples, next_sample = [], every
-    while proc.poll() is None:
-        step = epoch_start(run_dir / "metrics.jsonl")
-        if step >= next_sample:
-            per_pid = {p: m for p in process_tree(proc.pid) if (m := measure(p)) is not None}
-            samples.append({"step": step, "processes": {str(p): list(m) for p, m in per_pid.items()}})
-            next_sample = (step // every + 1) * every
-        time.sleep(0.05)
-    log.close()
+    samples, next_sample, stopped = [], every, False
+    try:
+        while proc.poll() is None:
+            step = epoch_start(run_dir / "metrics.jsonl")
+            if step >= next_sample:
+                per_pid = {p: m for p in process_tree(proc.pid) if (m := measure(p)) is not None}
+                samples.append({"step": step,
+                                "processes": {str(p): list(m) for p, m in per_pid.items()}})
+                next_sample = (step // every + 1) * every
+            if max_minutes and not stopped and time.perf_counter() - t0 > 60 * max_minutes:
+                proc.send_signal(signal.SIGTERM)
+                stopped = True
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:  # interrupted: do not leave the run training on its own
+            proc.kill()
+            proc.wait()
+        log.close()
     return {"backend": backend, "command": " ".join(command), "returncode": proc.returncode,
             "wall_s": round(time.perf_counter() - t0, 1), "steps": epochs * STEPS_PER_EPOCH,
+            "stopped_at": epoch_start(run_dir / "metrics.jsonl") if stopped else None,
             "main_pid": str(proc.pid), "samples": samples}
 
 
@@ -138,8 +151,9 @@ def markdown(results: list[dict], since: int, max_growth_mb: float) -> str:
     for r in results:
         rows = growth(r, since)
         transient = len({p for s in r["samples"] for p in s["processes"]}) - len(rows)
-        lines += [f"## {r['backend']} backend: {r['steps']} steps, {r['steps'] // STEPS_PER_EPOCH} "
-                  f"epochs, exit {r['returncode']}, {r['wall_s']:.0f} s", "",
+        ran = (f"{r['steps']} steps, {r['steps'] // STEPS_PER_EPOCH} epochs" if not r["stopped_at"]
+               else f"stopped by --max-minutes after step {r['stopped_at']} of {r['steps']} planned")
+        lines += [f"## {r['backend']} backend: {ran}, exit {r['returncode']}, {r['wall_s']:.0f} s", "",
                   f"`{r['soak_command']}` ran `{r['command']}`", "",
                   "| process | steps | samples | RSS MB at start | at end | max | growth MB | "
                   "slope MB/1k steps | fds at start | at end | max | pass |",
@@ -162,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--since", type=int, default=500, help="step the growth is measured from")
     parser.add_argument("--max-growth-mb", type=float, default=50.0)
     parser.add_argument("--backends", nargs="+", default=["torch", "dali"])
+    parser.add_argument("--max-minutes", type=float, default=0.0,
+                        help="stop each run (SIGTERM: checkpoint, exit 75) after this long and "
+                             "tabulate what was sampled; 0 = no limit")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra train.py overrides, e.g. data.root=DIR")
     parser.add_argument("--md", type=Path, help="write the table here (markdown)")
@@ -175,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.from_json else []
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         for backend in [] if args.from_json else args.backends:
-            result = soak(backend, args.steps, args.every, Path(tmp) / backend, args.set)
+            result = soak(backend, args.steps, args.every, Path(tmp) / backend, args.set,
+                          args.max_minutes)
             result["soak_command"] = "python scripts/soak.py " + " ".join(argv)
             if result["returncode"] != 0:
                 print((Path(tmp) / f"{backend}.log").read_text()[-3000:], file=sys.stderr)
@@ -186,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         args.md.write_text(text + "\n")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
-    ok = all(r["returncode"] == 0 and all(passes(row, args.max_growth_mb)
+    ok = all(r["returncode"] == (75 if r["stopped_at"] else 0) and all(passes(row, args.max_growth_mb)
                                           for row in growth(r, args.since)) for r in results)
     return 0 if ok else 1
 
