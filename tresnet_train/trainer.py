@@ -332,8 +332,8 @@ class Trainer:
         self.best = {"top1": -1.0, "epoch": -1, "source": "model"}
         self.topk = ckpt.TopK(self.out, cfg.run.keep_top_k)
         self.last_val: dict = {}
-        on_rank_0(self.world, lambda: check_room(self.out, checkpoint_bytes(cfg, self.model, self.ema),
-                                                 cfg.run.keep_top_k))
+        size = checkpoint_bytes(cfg, self.model, self.ema)
+        on_rank_0(self.world, lambda: check_room(self.out, size, cfg.run.keep_top_k))
         self.resume()
         self.metrics = MetricsLog(self.out, self.world.is_main, cfg.run.tensorboard,
                                   resume_step=self.epoch * self.steps + self.start_step)
