@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".run.lock"
 HEARTBEAT_S = 30.0  # seconds between heartbeats
 STALE_S = 300.0  # seconds without a heartbeat after which another host's lock counts as abandoned
+TAKEOVER_SETTLE_S = 2.0  # seconds between taking over a lock and checking that it is still ours
 
 
 class RunLockError(RuntimeError):
@@ -93,6 +94,7 @@ class RunLock:
                 log.warning("warning: taking over the run lock of %s: %s (%s)", self.folder,
                             describe(holder), why)
                 self._write()
+                time.sleep(TAKEOVER_SETTLE_S)  # a run taking it over at the same moment shows now
                 break
             if holder.get("job_id") and holder["job_id"] == self.record["job_id"] \
                     and time.time() < deadline:
