@@ -83,7 +83,7 @@ def test_epoch_ends_write_once_and_link_best_and_top_k(tmp_path, digits, monkeyp
         assert load(last)["topk"] == [[50.0, 0], [45.0, 2]]
         assert load(best)["best"]["epoch"] == 0
     finally:
-        trainer.metrics.close()
+        trainer.close()
 
 
 def _byte(value: int) -> torch.Tensor:

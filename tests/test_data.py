@@ -203,17 +203,19 @@ def test_odd_files_one_epoch(tmp_path, backend):
 
 
 def test_torch_loader_skips_a_file_that_breaks_after_indexing(tmp_path, caplog):
-    """The loader's own safety net: a file damaged after the check is replaced and reported."""
+    """The loader's own safety net: a file damaged after the check is replaced and reported (one of
+    eight is within data.max_bad_fraction=0.2)."""
     make_photo_folder(tmp_path, (4, 4))
-    train, _ = build_loaders(make_cfg(tmp_path, "torch", workers=1), TRESNET, World(), CPU)
+    train, _ = build_loaders(make_cfg(tmp_path, "torch", workers=1, max_bad_fraction=0.2), TRESNET,
+                             World(), CPU)
     strict, _ = build_loaders(make_cfg(tmp_path, "torch", workers=0, strict=True), TRESNET,
                               World(), CPU)
     broken = tmp_path / "train" / "c1" / "2.JPEG"
     broken.write_bytes(broken.read_bytes()[:100])
-    with caplog.at_level(logging.WARNING, logger="tresnet_train.data.torch_backend"):
+    with caplog.at_level(logging.WARNING, logger="tresnet_train.data.bad_files"):
         batches = collect(train)
     assert len(batches) == 2 and all(len(t) == 4 for _, t in batches)
-    assert train.skipped == [str(broken)] and f"skipping undecodable image {broken}" in caplog.text
+    assert train.skipped == [str(broken)] and f"skipping training file {broken}" in caplog.text
     with pytest.raises(DataError, match=r"2.JPEG cannot be decoded.*data.strict=false"):
         collect(strict)
 

@@ -173,7 +173,7 @@ def test_nonfinite_loss_stops_with_step_keeps_last_good_checkpoint_and_resumes(t
     trainer.parts.criterion = nan_at_step_5
     with pytest.raises(NonFiniteLoss, match="at global step 5 "):
         trainer.fit()
-    trainer.metrics.close()
+    trainer.close()
     kept = load(out / "last.pth")
     assert kept["global_step"] == 5
     assert all(torch.isfinite(t).all() for t in kept["model"].values() if t.is_floating_point())

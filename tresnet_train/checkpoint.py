@@ -32,32 +32,122 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message names the file and what to do."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A write failed mid-run (disk full, quota, read-only): the previous file is intact (exit 1)."""
+
+
+_DISK_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+
+
 def save_atomic(obj: dict, path: str | Path) -> None:
     """torch.save to a temp file beside `path`, fsync, then rename over `path`."""
-    _write_atomic(Path(path), lambda f: torch.save(obj, f))
+    _write_atomic(Path(path), lambda f: torch.save(obj, f), tensor_bytes(obj))
 
 
-def _write_atomic(path: Path, write) -> None:
-    """`write(f)` into a temp file beside `path`, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor in a nested dict/list: about the size of its checkpoint file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+class _Sink:
+    """The file torch.save writes to, keeping the OSError of a failed write: torch's zip writer
+    swallows it and raises `RuntimeError: [enforce fail at inline_container.cc] unexpected pos`."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _write_atomic(path: Path, write, size: int) -> None:
+    """`write(f)` (about `size` bytes) into a temp file beside `path`, fsync, then rename over
+    `path`. A failure leaves no temp file; a disk error becomes one CheckpointWriteError line."""
+    tmp, sink = None, None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            sink = _Sink(f)
+            write(sink)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise CheckpointError(f"disk full while writing checkpoint {path}; the previous "
-                                  f"checkpoint there is intact. Free space in {path.parent} and "
-                                  f"resume with run.resume=auto") from e
-        if isinstance(e, OSError):
-            raise CheckpointError(f"could not write checkpoint {path}: {e}; the previous "
-                                  f"checkpoint there is intact") from e
-        raise
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        cause = (sink.error if sink is not None else None) or e
+        if not isinstance(cause, OSError):
+            raise
+        raise CheckpointWriteError(write_failure(path, size, cause)) from None
     _fsync_dir(path.parent)
+
+
+def write_failure(path: Path, size: int, error: OSError) -> str:
+    """One line: what failed, where, the bytes attempted and free, that nothing was lost."""
+    reason = _DISK_ERRORS.get(error.errno, error.strerror or str(error))
+    try:
+        free = f"{shutil.disk_usage(path.parent).free:,}"
+    except OSError:
+        free = "unknown"
+    return (f"{reason} while writing checkpoint {path}: {size:,} bytes attempted, {free} bytes "
+            f"free in {path.parent}; the previous checkpoint there is intact and no temporary file "
+            f"is left. Free space (or fix the quota or permissions) and resume with "
+            f"run.resume=auto")
+
+
+def check_room(folder: Path, size: int, keep_top_k: int) -> tuple[bool, str] | None:
+    """(certain, one line with the numbers) when `folder` lacks room for a run's checkpoints of
+    `size` bytes each, else None.
+
+    At most max(k, 1) + 2 exist at once: the top-k files (best.pth is one of them, or beside
+    last.pth when k = 0), last.pth, and the next one being written. Checkpoints already there (a
+    resumed run) are replaced in time, so their bytes count as room; which of them go first is not
+    known, so a shortfall is then uncertain (a warning rather than an error).
+    """
+    files = max(keep_top_k, 1) + 2
+    need = files * size
+    free = shutil.disk_usage(folder).free
+    inodes = {p.stat().st_ino: p.stat().st_size
+              for p in [*folder.glob("*.pth"), *(folder / TOP_DIR).glob("*.pth")]}
+    held = sum(inodes.values())
+    if free + held >= need:
+        return None
+    have = f"{free:,} bytes free" + (f" (+{held:,} in checkpoints already there)" if held else "")
+    return held == 0, (f"run.output_dir {folder} has {have} but this run's checkpoints need about "
+                       f"{need:,} bytes ({files} files of {size:,}: last, best and top-{keep_top_k}, "
+                       f"plus one being written); free space, lower run.keep_top_k or choose "
+                       f"another run.output_dir")
+
+
+def check_writable(folder: Path) -> str | None:
+    """Why `folder` cannot take files (None when a probe file was written, synced and removed)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        try:
+            os.write(fd, b"x")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        return f"run.output_dir {folder} is not writable ({e.strerror}); fix it or choose another"
+    return None
 
 
 def link_atomic(src: str | Path, dst: str | Path) -> None:
@@ -90,7 +180,8 @@ def _warn_copying(folder: Path, reason: str) -> None:
 
 def _copy_atomic(src: Path, dst: Path) -> None:
     with open(src, "rb") as f:
-        _write_atomic(dst, lambda out: shutil.copyfileobj(f, out, 16 << 20))  # 16 MiB chunks
+        _write_atomic(dst, lambda out: shutil.copyfileobj(f, out, 16 << 20),  # 16 MiB chunks
+                      src.stat().st_size)
     stat = src.stat()
     os.utime(dst, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 

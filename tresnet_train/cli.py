@@ -7,6 +7,8 @@ code 2 and one line naming the key, before any GPU or data work.
 from __future__ import annotations
 
 import argparse
+import errno
+import shutil
 import sys
 
 import yaml
@@ -14,7 +16,19 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from .config import ConfigError, load_config, to_dict
 
-EXIT_CONFIG = 2
+EXIT_FAILED, EXIT_CONFIG = 1, 2
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def disk_error(e: OSError, folder: str) -> str:
+    """One line for a write that a full or read-only disk refused, with the free bytes."""
+    try:
+        free = f"{shutil.disk_usage(folder).free:,}"
+    except OSError:
+        free = "unknown"
+    return (f"{e.strerror} while writing {e.filename or 'a file'} in {folder} ({free} bytes free); "
+            f"checkpoints are written atomically, the last one there is whole: free space and resume "
+            f"with run.resume=auto")
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -44,13 +58,22 @@ def train_main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, CheckpointWriteError
     from .data import DataError
+    from .run_lock import RunLockError
     try:
         return run(cfg)
+    except CheckpointWriteError as e:  # disk full, quota, read-only, mid-run
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as e:  # another file of the run (metrics, config) on a full or read-only disk
+        if e.errno not in DISK_ERRNOS:
+            raise
+        print(f"error: {disk_error(e, cfg.run.output_dir)}", file=sys.stderr)
+        return EXIT_FAILED
     except ConfigError as e:  # found while building (e.g. 0 steps per epoch, resume mismatch)
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    except (DataError, CheckpointError) as e:  # a file the user can fix or replace
+    except (DataError, CheckpointError, RunLockError) as e:  # a file or folder the user can fix
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG

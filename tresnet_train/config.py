@@ -64,6 +64,7 @@ class DataConfig:
     val_batch_size: int = 0  # images per process per eval step (0 = batch_size)
     workers: int = 8  # loader worker processes (torch) or threads (DALI) per process
     strict: bool = False  # undecodable images are an error instead of skipped and reported
+    max_bad_fraction: float = 0.001  # share of files failing mid-run (deleted, unreadable) that ends a run
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random-resized-crop area range
     hflip: float = 0.5  # horizontal flip probability
     train_interpolation: str = ""  # train resize filter: "" (the model's) | bilinear | bicubic | random
@@ -314,6 +315,9 @@ def validate(cfg: Config) -> Config:
     if cfg.optim.cooldown_epochs >= cfg.train.epochs:
         raise ConfigError(f"config key 'optim.cooldown_epochs' is {cfg.optim.cooldown_epochs}, not "
                           f"shorter than train.epochs={cfg.train.epochs}: lower it")
+    if not 0 <= cfg.data.max_bad_fraction <= 1:
+        raise ConfigError(f"config key 'data.max_bad_fraction': expected a fraction within 0..1 "
+                          f"(0.001 = 0.1%), got {cfg.data.max_bad_fraction!r}")
     if cfg.data.source == "folder" and not cfg.data.root:
         raise ConfigError("config key 'data.root' is empty: set it to a folder with train/ and val/ "
                           "(e.g. data.root=/data/imagenet), or use data.source=digits for the demo")

@@ -3,11 +3,13 @@
 preflight (config, model name, data folder: seconds, before any GPU or data work) -> distributed world
 -> model -> data -> optimizer and schedule -> resume -> epochs of train + validate + checkpoint.
 
-Exit codes of train.py: 0 finished, 2 bad config, 75 stopped by SIGTERM/SIGUSR1 after writing a
-resumable checkpoint (SLURM requeues on it), 130 stopped by Ctrl-C the same way, 1 anything else (a non-finite loss included).
+Exit codes of train.py: 0 finished, 2 bad config, a run folder in use by another run or too small,
+75 stopped by SIGTERM/SIGUSR1 after writing a resumable checkpoint (SLURM requeues on it), 130
+stopped by Ctrl-C the same way, 1 anything else (a non-finite loss, a checkpoint write that failed).
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -37,6 +39,7 @@ from .models import UnknownModelError, check_model_name, create_model, get_data_
 from .models.layers import inplace_abn_layers, set_drop_block
 from .optim import build_optimizer, build_schedule, scaled_lr
 from .precision import GradClipper, Precision, PrecisionError, enable_tf32, resolve_amp
+from .run_lock import RunLock, RunLockError
 from .sync_norm import convert_sync_norm
 
 log = logging.getLogger("tresnet_train")
@@ -228,6 +231,58 @@ def weights_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def on_rank_0(world: World, check) -> None:
+    """Run `check()` on rank 0; a ConfigError or RunLockError it raises is raised on every rank."""
+    error = None
+    if world.is_main:
+        try:
+            check()
+        except (ConfigError, RunLockError) as e:
+            error = (type(e) is RunLockError, str(e))
+    error = broadcast_object(error)
+    if error:
+        raise (RunLockError if error[0] else ConfigError)(error[1])
+
+
+def hold_run_folder(out: Path, world: World) -> RunLock:
+    """Rank 0 checks that the run folder takes files and takes its lock (run_lock.py); every rank
+    raises when either fails. Released by `Trainer.close()`, or at exit."""
+    lock = RunLock(out)
+
+    def check():
+        unwritable = ckpt.check_writable(out)
+        if unwritable:
+            raise ConfigError(unwritable)
+        lock.acquire()
+        atexit.register(lock.release)
+
+    on_rank_0(world, check)
+    return lock
+
+
+def checkpoint_bytes(cfg: Config, model: nn.Module, ema) -> int:
+    """About one checkpoint's size: model and EMA tensors, the optimizer's per-parameter slots
+    (created at the first step: SGD's momentum buffer, AdamW's and LAMB's two moments), and about
+    1 KiB of zip entry and pickle per tensor (tresnet_tiny: 6.02 MB written, 6.17 MB estimated)."""
+    params = list(model.parameters())
+    slots = 2 if cfg.optim.name in ("adamw", "lamb") else int(cfg.optim.momentum > 0)
+    copies = 2 if ema.module is not None else 1
+    state = model.state_dict()
+    tensors = copies * len(state) + slots * len(params)
+    return (copies * ckpt.tensor_bytes(state) + slots * ckpt.tensor_bytes(params)
+            + tensors * 1024)
+
+
+def check_room(out: Path, size: int, keep_top_k: int) -> None:
+    """Rank 0: a ConfigError when the run folder cannot hold the run's checkpoints, a warning when
+    that is uncertain (checkpoint.check_room)."""
+    short = ckpt.check_room(out, size, keep_top_k)
+    if short and short[0]:
+        raise ConfigError(short[1])
+    if short:
+        log.warning("warning: %s", short[1])
+
+
 class Trainer:
     """Holds the run's parts between builders; `fit()` is the epoch loop."""
 
@@ -237,6 +292,7 @@ class Trainer:
         self.world, self.device = init_distributed(cfg.run.device, cfg.run.dist_timeout_min)
         setup_console(self.world)
         self.out = Path(cfg.run.output_dir)
+        self.lock = hold_run_folder(self.out, self.world)
         if self.world.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.out / "config.yaml")
@@ -279,9 +335,16 @@ class Trainer:
         self.best = {"top1": -1.0, "epoch": -1, "source": self.report}
         self.topk = ckpt.TopK(self.out, cfg.run.keep_top_k)
         self.last_val: dict = {}
+        size = checkpoint_bytes(cfg, self.model, self.ema)
+        on_rank_0(self.world, lambda: check_room(self.out, size, cfg.run.keep_top_k))
         self.resume()
         self.metrics = MetricsLog(self.out, self.world.is_main, cfg.run.tensorboard,
                                   resume_step=self.epoch * self.steps + self.start_step)
+
+    def close(self) -> None:
+        """Close the metrics and hand the run folder back (its lock)."""
+        self.metrics.close()
+        self.lock.release()
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state(self, epoch: int, step: int) -> dict:
@@ -575,5 +638,5 @@ def run(cfg: Config) -> int:
         return EXIT_FAILED
     finally:
         if trainer is not None:
-            trainer.metrics.close()
+            trainer.close()
         cleanup(failed=not ok)

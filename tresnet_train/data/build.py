@@ -52,7 +52,8 @@ def build_val_loader(split, data_cfg, pre: Preprocess, backend: str, world, devi
                        world.world_size, world.rank)
     if backend == "dali":
         return DaliValLoader(split, val_plan, pre, device, data_cfg.workers)
-    return TorchValLoader(split, val_plan, pre, device, data_cfg.workers, data_cfg.strict)
+    return TorchValLoader(split, val_plan, pre, device, data_cfg.workers, data_cfg.strict,
+                          data_cfg.max_bad_fraction)
 
 
 def _check_randaugment(spec: str) -> None:
@@ -98,9 +99,11 @@ def build_loaders(cfg, data_config: dict, world, device: torch.device):
     train_plan = TrainPlan(len(train.samples), d.batch_size, world.world_size, world.rank,
                            cfg.run.seed, repeats)
     if backend == "dali":
-        train_loader = DaliTrainLoader(train, train_plan, pre, device, d.workers)
+        train_loader = DaliTrainLoader(train, train_plan, pre, device, d.workers,
+                                       d.max_bad_fraction)
     else:
-        train_loader = TorchTrainLoader(train, train_plan, pre, device, d.workers, d.strict)
+        train_loader = TorchTrainLoader(train, train_plan, pre, device, d.workers, d.strict,
+                                        d.max_bad_fraction)
     val_loader = build_val_loader(val, d, pre, backend, world, device)
     memory = ""
     if backend == "dali":  # nvJPEG's buffers live outside PyTorch's allocator: say how much

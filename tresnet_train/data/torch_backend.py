@@ -3,9 +3,10 @@
 Exact resume: each sample's augmentation is seeded from (seed, epoch, global position) inside
 `__getitem__` (torch, numpy and `random`, which timm's RandAugment uses), so the pixels do not depend
 on which worker decoded the sample or where the run was resumed; in the main process (workers=0)
-the global RNG states are restored afterwards. A file that fails to decode
-despite the indexing check is replaced by the next sample, reported once, and listed in `skipped`
-(with data.strict=true it is a DataError instead).
+the global RNG states are restored afterwards. A file that fails to read or decode despite the
+indexing check (deleted mid-run, say) is replaced by the next sample, reported once, listed in
+`skipped` and counted against data.max_bad_fraction (bad_files.py); with data.strict=true it is a
+DataError instead.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from .bad_files import BadFiles
 from .folder import DataError, Split
 from .plan import ResumableTrainLoader, TrainPlan, ValPlan
 from .transforms import Normalize, Preprocess, eval_transform, load_rgb, train_transform
@@ -134,8 +136,8 @@ class _DeviceBatches:
 
 
 class _FailureLog:
-    def __init__(self, strict: bool, skipped: list[str]):
-        self.strict, self.skipped = strict, skipped
+    def __init__(self, strict: bool, bad: BadFiles):
+        self.strict, self.bad = strict, bad
 
     def __call__(self, failures: list[str]) -> None:
         for text in filter(None, "\n".join(failures).split("\n")):
@@ -143,10 +145,7 @@ class _FailureLog:
             if self.strict:
                 raise DataError(f"{path} cannot be decoded ({why}); fix or delete it, or set "
                                 f"data.strict=false to skip undecodable files")
-            if path not in self.skipped:
-                self.skipped.append(path)
-                log.warning("skipping undecodable image %s (%s); %d skipped so far", path, why,
-                            len(self.skipped))
+            self.bad.add(path, why)
 
 
 def _loader(dataset, batch_keys, workers: int, device: torch.device, persistent: bool) -> DataLoader:
@@ -168,14 +167,15 @@ class TorchTrainLoader(ResumableTrainLoader):
     backend = "torch"
 
     def __init__(self, split: Split, plan: TrainPlan, pre: Preprocess, device: torch.device,
-                 workers: int, strict: bool):
+                 workers: int, strict: bool, max_bad_fraction: float = 1.0):
         super().__init__(plan, split.classes, split.skipped)
         self.samples = split.samples
         self._keys = _TrainKeys(plan)
         self._loader = _loader(ImageDataset(split.samples, train_transform(pre)), self._keys,
                                workers, device, persistent=True)
         self._to_device = _DeviceBatches(device, Normalize(pre, device),
-                                         _FailureLog(strict, self.skipped))
+                                         _FailureLog(strict, BadFiles(self.skipped, len(self.samples),
+                                                                      max_bad_fraction)))
 
     def _batches(self, epoch: int, start_step: int):
         self._keys.epoch, self._keys.start = epoch, start_step
@@ -186,7 +186,7 @@ class TorchValLoader:
     """Every image once across ranks; padding samples carry target -1; same step count everywhere."""
 
     def __init__(self, split: Split, plan: ValPlan, pre: Preprocess, device: torch.device,
-                 workers: int, strict: bool):
+                 workers: int, strict: bool, max_bad_fraction: float = 1.0):
         self.classes, self.skipped, self.plan = split.classes, list(split.skipped), plan
         self.num_images = plan.num_samples
         indices, pad = plan.rank_indices()
@@ -195,7 +195,8 @@ class TorchValLoader:
         self._loader = _loader(ImageDataset(split.samples, eval_transform(pre)),
                                batches, workers, device, persistent=False)
         self._to_device = _DeviceBatches(device, Normalize(pre, device),
-                                         _FailureLog(strict, self.skipped))
+                                         _FailureLog(strict, BadFiles(self.skipped, len(split.samples),
+                                                                      max_bad_fraction, "validation")))
 
     def __len__(self) -> int:
         return self.plan.steps
