@@ -88,9 +88,9 @@ class Samples(Sequence):
 
     def without(self, names: set[str]) -> Samples:
         """These samples less the ones whose relative path is in `names`."""
-        keep = [i for i in range(len(self)) if self.relative(i) not in names]
-        return Samples(self.folder, b"\0".join(self.names.split(b"\0")[i] for i in keep) if keep else b"",
-                       self.labels[keep])
+        parts = self.names.split(b"\0") if len(self) else []
+        keep = [i for i, rel in enumerate(parts) if os.fsdecode(rel) not in names]
+        return Samples(self.folder, b"\0".join(parts[i] for i in keep), self.labels[keep])
 
 
 def _list_split(split_dir: Path, classes: list[str]) -> Samples:
