@@ -89,8 +89,14 @@ class Samples(Sequence):
     def without(self, names: set[str]) -> Samples:
         """These samples less the ones whose relative path is in `names`."""
         parts = self.names.split(b"\0") if len(self) else []
-        keep = [i for i, rel in enumerate(parts) if os.fsdecode(rel) not in names]
+        drop = {os.fsencode(name) for name in names}
+        keep = [i for i, rel in enumerate(parts) if rel not in drop]
         return Samples(self.folder, b"\0".join(parts[i] for i in keep), self.labels[keep])
+
+    def encoded_paths(self, start: int = 0, step: int = 1) -> list[bytes]:
+        """Every `step`-th absolute path from `start`, as bytes (what os.stat takes, cheaply)."""
+        prefix = os.fsencode(self._prefix)
+        return [prefix + rel for rel in self.names.split(b"\0")[start::step]] if len(self) else []
 
 
 def _list_split(split_dir: Path, classes: list[str]) -> Samples:
@@ -188,7 +194,7 @@ def check_image(path: str) -> str | None:
         return f"{type(e).__name__}: {e}"[:200]
 
 
-def _stat_files(paths: list[str], threads: int) -> np.ndarray:
+def _stat_files(paths: list[bytes], threads: int) -> np.ndarray:
     """(size, mtime in ns) of each file, as an int64 array of shape (len(paths), 2)."""
     stats = np.empty((len(paths), 2), dtype=np.int64)
 
@@ -294,8 +300,7 @@ def _find_undecodable(split_dir: Path, samples: Samples, threads: int) -> dict[s
         raise DataError(f"{split_dir}: rank {rank} and rank {other} see different files; every node "
                         f"needs an identical copy of the dataset")
     stats = np.empty((len(samples), 2), dtype=np.int64)
-    mine = [samples[i][0] for i in range(rank, len(samples), size)]
-    for r, part in enumerate(gather_objects(_stat_files(mine, threads))):
+    for r, part in enumerate(gather_objects(_stat_files(samples.encoded_paths(rank, size), threads))):
         stats[r::size] = part
     decision = _to_check(samples, stats, _read_cache(split_dir)) if rank == 0 else None
     to_check, bad, stale = broadcast_object(decision)
