@@ -177,6 +177,19 @@ def test_matches_timm_with_same_weights(name, size, timm_reference):
     assert theirs.std() > 0.01  # the logits carry signal, not a constant
 
 
+def test_gradients_match_timm_with_same_weights(randomize_norms):
+    """Our blur and SE-gated conv3 keep less for backward (layers.py); their gradients are timm's."""
+    ours = randomize_norms(fresh_model("tresnet_m")).train()
+    ref = timm.create_model("tresnet_m", pretrained=False).train()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.rand(2, 3, SMALL, SMALL)
+    ours(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    theirs = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        assert torch.allclose(p.grad, theirs[name].grad, rtol=1e-5, atol=1e-6 * theirs[name].grad.abs().max()), name
+
+
 @pytest.mark.parametrize("name", ["tresnet_tiny", "resnest50d"])
 def test_drop_path_rises_linearly_over_blocks(name, randomize_norms):
     model = randomize_norms(create_model(name, norm="bn", drop_path_rate=0.3))

@@ -15,7 +15,9 @@ they are): the statistics of several processes are reduced with torch ops, so sy
 device and backend (the package's reduction is CUDA-only), and the weight gradient's sign flip for
 negative `w` is a `torch.where` (the package's boolean-mask assignment is a host sync per layer and
 step). Under autocast the kernels get fp32 input (their CUDA dispatch has no bf16, the CPU one no
-fp16, and bf16 input with fp32 weights is refused) except fp16 on CUDA, which they support.
+fp16, and bf16 input with fp32 weights is refused) except fp16 on CUDA, which they support: they
+work in place on a transient fp32 copy, and the layer returns and keeps for backward its output in
+the input's dtype (bf16: 2 bytes per value kept, as BatchNorm under autocast, instead of 4).
 """
 from __future__ import annotations
 
@@ -52,7 +54,12 @@ class _InPlaceABNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps,
                 activation, activation_param, group):
-        ctx.training, ctx.eps, ctx.group = training, eps, group
+        # Autocast input the kernels lack (bf16, CPU fp16): they work in place on a transient fp32
+        # copy, and the output goes back to the input's dtype, which is also what backward keeps.
+        low = x.dtype if x.dtype != weight.dtype and not (x.dtype == torch.float16 and x.is_cuda) else None
+        if low is not None:
+            x = x.to(weight.dtype)
+        ctx.training, ctx.eps, ctx.group, ctx.low = training, eps, group, low
         ctx.activation, ctx.activation_param = _activation_from_name(activation), activation_param
         if training:
             mean, var, count = _backend.statistics(x)
@@ -65,6 +72,10 @@ class _InPlaceABNFunction(torch.autograd.Function):
         else:
             mean, var, count = running_mean, running_var, None
         _backend.forward(x, mean, var, weight, bias, eps, ctx.activation, activation_param)
+        if low is not None:
+            y = x.to(low)
+            ctx.save_for_backward(y, var, count, weight, bias)
+            return y
         ctx.save_for_backward(x, var, count, weight, bias)
         ctx.mark_dirty(x)
         return x
@@ -73,6 +84,8 @@ class _InPlaceABNFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy_act):
         y_act, var, count, weight, bias = ctx.saved_tensors
+        if ctx.low is not None:  # the kernels run in the weights' dtype (forward)
+            y_act, dy_act = y_act.to(weight.dtype), dy_act.to(weight.dtype)
         xhat, dy, sum_dy_local, sum_xhat_dy_local = _backend.backward_reduce(
             y_act, dy_act, weight, bias, ctx.eps, ctx.activation, ctx.activation_param)
         sum_dy, sum_xhat_dy = sum_dy_local, sum_xhat_dy_local
@@ -86,6 +99,8 @@ class _InPlaceABNFunction(torch.autograd.Function):
         else:
             dx = _backend.backward_test(dy, var, weight, ctx.eps)
         dweight = torch.where(weight < 0, -sum_xhat_dy_local, sum_xhat_dy_local)  # d|w|/dw
+        if ctx.low is not None:
+            dx = dx.to(ctx.low)
         return dx, dweight, sum_dy_local, None, None, None, None, None, None, None, None
 
 
@@ -113,9 +128,7 @@ class InPlaceABNLeaky(InPlaceABN):
         return self.eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.weight.dtype and not (x.dtype == torch.float16 and x.is_cuda):
-            x = x.to(self.weight.dtype)  # autocast: bf16 (or CPU fp16) input, fp32 weights
-        if x.dtype == torch.float16 and not x.is_cuda:
+        if x.dtype == torch.float16 and not x.is_cuda and self.weight.dtype == torch.float16:
             raise RuntimeError("InPlace-ABN has no float16 kernel on CPU; use bfloat16, float32 or "
                                "norm='bn'")
         momentum, training = self._get_momentum_and_training()

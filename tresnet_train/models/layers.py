@@ -60,11 +60,84 @@ class BlurPool2d(nn.Module):
             self.filt.copy_(binomial_filter_3x3().expand(self.channels, 1, 3, 3))  # (C, 1, 3, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x, (1, 1, 1, 1), mode="reflect")
-        return F.conv2d(x, self.filt.to(x.dtype), stride=self.stride, groups=self.channels)
+        return _Blur.apply(x, self.filt, self.stride)
 
     def extra_repr(self) -> str:
         return f"{self.channels}, stride={self.stride}"
+
+
+class _Blur(torch.autograd.Function):
+    """Reflect-pad by 1, then a fixed depthwise filter with `stride`; keeps nothing for backward.
+
+    The op is linear with a constant filter, so its input gradient needs the filter and the input's
+    shape only: autograd's own pad + conv2d would keep the padded input, (C, H+2, W+2) per image.
+    The backward calls the same kernels autograd would (conv2d input gradient, reflect-pad backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x, filt, stride):
+        ctx.shape, ctx.in_dtype, ctx.stride = x.shape, x.dtype, stride
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        ctx.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        out = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), filt.to(x.dtype), stride=stride,
+                       groups=x.shape[1])  # under autocast: the autocast dtype
+        ctx.save_for_backward(filt)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (filt,) = ctx.saved_tensors
+        n, c, h, w = ctx.shape
+        # The input gradient reads the input's shape and layout, not its values.
+        padded = torch.empty((n, c, h + 2, w + 2), dtype=grad_out.dtype, device=grad_out.device,
+                             memory_format=ctx.memory_format)
+        grad_padded = torch.ops.aten.convolution_backward(
+            grad_out, padded, filt.to(grad_out.dtype), None, [ctx.stride] * 2, [0, 0], [1, 1], False,
+            [0, 0], c, [True, False, False])[0]  # (N, C, H+2, W+2)
+        grad_padded = grad_padded.to(ctx.in_dtype)  # autocast: the pad ran in the input's dtype
+        return torch.ops.aten.reflection_pad2d_backward(
+            grad_padded, grad_padded.new_empty(ctx.shape), [1, 1, 1, 1]), None, None  # (N, C, H, W)
+
+
+class _GatedConv(torch.autograd.Function):
+    """`F.conv2d(x * gate, weight)` (no bias, `stride`, `padding`) that keeps x and gate for backward,
+    not their product: the product is recomputed there (one multiply). x is a tensor the graph keeps
+    anyway (the output of the norm before it), gate is (N, C, 1, 1), so the product's storage,
+    (C, H, W) per image, is saved. Dtypes follow autocast as plain ops would: the conv computes in the
+    dtype of its output, gradients come back in their inputs' dtypes.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gate, weight, stride, padding):
+        out = F.conv2d(x * gate, weight, stride=stride, padding=padding)
+        ctx.stride, ctx.padding, ctx.conv_dtype = stride, padding, out.dtype
+        ctx.save_for_backward(x, gate, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, gate, weight = ctx.saved_tensors
+        z = x * gate  # (N, C, H, W), the conv input, as in forward
+        dtype = ctx.conv_dtype
+        grad_z, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad_out.to(dtype), z.to(dtype), weight.to(dtype), None, _pair(ctx.stride),
+            _pair(ctx.padding), [1, 1], False, [0, 0], 1, [True, True, False])
+        grad_z = grad_z.to(z.dtype)
+        grad_x = (grad_z * gate).to(x.dtype)
+        grad_gate = (grad_z * x).sum((2, 3), keepdim=True).to(gate.dtype)  # (N, C, 1, 1)
+        return grad_x, grad_gate, grad_w.to(weight.dtype), None, None
+
+
+def _pair(v) -> list[int]:
+    return list(v) if isinstance(v, (tuple, list)) else [v, v]
+
+
+def gated_conv2d(x: torch.Tensor, gate: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """`conv(x * gate)` for a bias-free `conv`, keeping x and gate for backward instead of x * gate
+    (see _GatedConv): squeeze-and-excitation followed by a conv, as in TResNet's Bottleneck."""
+    if conv.bias is not None or conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+        raise ValueError(f"gated_conv2d takes a plain bias-free conv, got {conv}")
+    return _GatedConv.apply(x, gate, conv.weight, conv.stride, conv.padding)
 
 
 class SqueezeExcite(nn.Module):
@@ -76,10 +149,12 @@ class SqueezeExcite(nn.Module):
         self.act = nn.ReLU(inplace=True)
         self.fc2 = nn.Conv2d(rd_channels, channels, kernel_size=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
         s = x.mean((2, 3), keepdim=True)  # (N, C, 1, 1)
-        s = self.fc2(self.act(self.fc1(s)))
-        return x * s.sigmoid()
+        return self.fc2(self.act(self.fc1(s))).sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(x)
 
 
 class FastGlobalAvgPool(nn.Module):
@@ -158,8 +233,10 @@ class ConvNormAct(nn.Module):
             self.act = nn.LeakyReLU(act_slope, inplace=True) if act_slope is not None else nn.Identity()
         self.aa = aa_layer(out_chs, stride=stride) if use_aa else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.bn(self.conv(x)))
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """`gate` (N, C, 1, 1): convolve x * gate, keeping x and gate for backward (gated_conv2d)."""
+        x = self.conv(x) if gate is None else gated_conv2d(x, gate, self.conv)
+        x = self.act(self.bn(x))
         if self.aa is not None:
             x = self.aa(x)
         return x

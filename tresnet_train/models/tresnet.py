@@ -72,9 +72,8 @@ class Bottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.conv2(self.conv1(x))
-        if self.se is not None:
-            out = self.se(out)
-        out = self.conv3(out)
+        # SE's gated product feeds conv3 only: recomputed in backward instead of kept (gated_conv2d).
+        out = self.conv3(out, gate=self.se.gate(out) if self.se is not None else None)
         return self.act(self.drop_path(out) + shortcut)
 
 
