@@ -23,6 +23,7 @@ Writes `<out>.json` and `<out>.md`. Everything runs on the CPU; a GPU is not nee
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -169,8 +170,15 @@ def index_worker(root: str, report: str) -> None:
 
     import torch.distributed as dist
 
+    from tresnet_train.data import folder
     from tresnet_train.data.folder import index_split
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    checks, check_image = itertools.count(), folder.check_image  # files this rank reads the header of
+
+    def counted(path: str) -> str | None:
+        next(checks)
+        return check_image(path)
+    folder.check_image = counted
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo")
@@ -183,7 +191,8 @@ def index_worker(root: str, report: str) -> None:
     rank = dist.get_rank() if world > 1 else 0
     Path(f"{report}.{rank}").write_text(json.dumps({
         "seconds": seconds, "files": sum(len(s.samples) + len(s.skipped) for s in splits),
-        "skipped": sum(len(s.skipped) for s in splits), "file_list_mib": (_rss_kib() - before) / 1024,
+        "skipped": sum(len(s.skipped) for s in splits), "checked": next(checks),
+        "file_list_mib": (_rss_kib() - before) / 1024,
         "peak_mib": _hwm_kib(os.getpid()) / 1024}))
     if world > 1:
         dist.destroy_process_group()
@@ -206,7 +215,8 @@ def measure_index(root: Path, cache: Path, procs: int, report: Path) -> dict:
     return {"procs": procs, "wall_s": run["seconds"], "index_s": round(max(r["seconds"] for r in ranks), 2),
             "peak_mib_per_rank": round(max(r["peak_mib"] for r in ranks), 1),
             "file_list_mib_per_rank": round(max(r["file_list_mib"] for r in ranks), 1),
-            "skipped": ranks[0]["skipped"], "output": run["output"]}
+            "skipped": ranks[0]["skipped"], "checked_per_rank": [r.get("checked") for r in ranks],
+            "output": run["output"]}
 
 
 def cache_mib(cache: Path) -> float:
@@ -294,10 +304,15 @@ def slope(rows: list[dict], key) -> float | None:
     return round(float(np.polyfit(x, y, 1)[0]), 3)
 
 
+def _most(counts: list | None) -> str:
+    return f"{max(counts):,}" if counts and None not in counts else "-"
+
+
 def markdown(result: dict) -> str:
     rows, procs = result["rows"], result["procs"]
     head = ["files"] + [f"index {p}p first / cached (s)" for p in procs] + \
-        [f"file list per rank, {p}p (MiB)" for p in procs] + ["cache (MiB)"] + \
+        [f"file list per rank, {p}p (MiB)" for p in procs] + \
+        [f"headers read per rank, {p}p first" for p in procs] + ["cache (MiB)"] + \
         [f"train.py to 1st step, {b} (s)" for b in result["backends"]] + \
         [f"train.py peak, {b}: main / worker (MiB)" for b in result["backends"]] + \
         ["2 changed files: re-index (s), named"]
@@ -307,6 +322,7 @@ def markdown(result: dict) -> str:
         cells += [f"{r[f'index_{p}p']['first']['index_s']} / {r[f'index_{p}p']['cached']['index_s']}"
                   for p in procs]
         cells += [f"{r[f'index_{p}p']['cached']['file_list_mib_per_rank']}" for p in procs]
+        cells += [_most(r[f"index_{p}p"]["first"].get("checked_per_rank")) for p in procs]
         cells += [f"{r[f'index_{procs[0]}p']['cache_mib']}"]
         cells += [f"{r[f'train_first_step_{b}']['seconds']}" for b in result["backends"]]
         cells += [f"{r[f'train_first_step_{b}']['main_peak_mib']} / "
