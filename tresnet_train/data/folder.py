@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 DECODABLE_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "PPM", "WEBP", "TIFF")
 _CACHE_VERSION = 2
 _STAT_CHUNK = 4096  # files per thread task when reading sizes
+_CHECK_CHUNK = 256  # files per thread task when checking headers
 _MAX_NAMED = 50  # undecodable files named in the console log; the cache JSON holds the full list
 
 
@@ -274,10 +275,17 @@ def _to_check(samples: Samples, stats: np.ndarray, cached: _Checked | None
     return changed, still_bad, bool(changed_names) or not same_files
 
 
-def _check_files(split_dir: Path, paths: list[str], threads: int) -> dict[str, str]:
+def _check_files(samples: Samples, indices: np.ndarray, threads: int) -> dict[str, str]:
+    """{relative path: reason} for the files of `samples[indices]` that cannot be decoded."""
+    def check(start: int) -> list[tuple[str, str]]:
+        chunk = indices[start:start + _CHECK_CHUNK]
+        return [(samples.relative(i), why) for i in chunk if (why := check_image(samples[i][0]))]
+
+    # One task per chunk, paths made as needed: a thread pool makes a Future per task (chunksize
+    # is ignored for threads), and a Future or a path string per file costs gigabytes at 1.3M files.
     with ThreadPoolExecutor(threads) as pool:
-        reasons = pool.map(check_image, paths, chunksize=64)
-        return {os.path.relpath(p, split_dir): r for p, r in zip(paths, reasons) if r is not None}
+        return {rel: why for part in pool.map(check, range(0, len(indices), _CHECK_CHUNK))
+                for rel, why in part}
 
 
 def _find_undecodable(split_dir: Path, samples: Samples, threads: int) -> dict[str, str]:
@@ -304,8 +312,7 @@ def _find_undecodable(split_dir: Path, samples: Samples, threads: int) -> dict[s
         stats[r::size] = part
     decision = _to_check(samples, stats, _read_cache(split_dir)) if rank == 0 else None
     to_check, bad, stale = broadcast_object(decision)
-    mine = [samples[i][0] for i in to_check[rank::size]]
-    for part in gather_objects(_check_files(split_dir, mine, threads)):
+    for part in gather_objects(_check_files(samples, to_check[rank::size], threads)):
         bad.update(part)
     bad = {rel: bad[rel] for rel in sorted(bad)}
     if stale and (not grouped or world_from_env().local_rank == 0):  # one writer per node
