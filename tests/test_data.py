@@ -138,6 +138,12 @@ def test_index_caches_the_check_and_names_skipped_files(tmp_path, monkeypatch, c
     checked.clear()
     index_split(tmp_path, "train")  # and the cache now holds them
     assert checked == []
+    # a cache cut short (a crash while it was written elsewhere, a full disk) is never trusted
+    cache = folder_mod._cache_file(tmp_path / "train")
+    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
+    rebuilt = index_split(tmp_path, "train")
+    assert len(checked) == len(changed.samples) + len(changed.skipped)  # everything checked again
+    assert [os.path.basename(p) for p in rebuilt.skipped] == ["extra.JPEG"]  # as the check now says
 
 
 def test_listing_is_torchvisions_imagefolder_order_held_compactly(tmp_path):

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import tempfile
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -229,7 +230,7 @@ def _read_cache(split_dir: Path) -> _Checked | None:
             if int(f["version"]) != _CACHE_VERSION:
                 return None
             return _Checked(f["names"].tobytes(), f["stats"], json.loads(f["bad"].tobytes()))
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # e.g. a truncated file
         return None
 
 
