@@ -329,7 +329,7 @@ def markdown(result: dict) -> str:
                   f"{r[f'train_first_step_{b}']['worker_peak_mib']}" for b in result["backends"]]
         cells += [f"{r['changed_files']['index_s']}, {'yes' if r['changed_files']['named'] else 'no'}"]
         lines.append("| " + " | ".join(cells) + " |")
-    text = [f"# Scale: indexing, start-up and memory against the number of files\n",
+    text = ["# Scale: indexing, start-up and memory against the number of files\n",
             f"Command: `{result['command']}`  ",
             f"Machine: {result['machine']}; {result['versions']}  ",
             f"Date: {result['date']}\n", *lines, ""]

@@ -308,7 +308,7 @@ def resolve(args: argparse.Namespace) -> Plan:
     from .data import DataError, index_images
 
     w = read_onnx(args.onnx) if args.onnx else read_weights(args.ckpt, args.model, args.ema)
-    ours, cfg, data_config = w.ours, w.cfg, w.data_config
+    cfg, data_config = w.cfg, w.data_config
 
     # the classes: the folder's count must be the model's
     val_dir = val_folder(args.data)
