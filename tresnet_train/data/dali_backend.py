@@ -32,6 +32,7 @@ the per-rank total that the start-up line reports.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -41,6 +42,7 @@ import warnings
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -76,6 +78,28 @@ def hardware_decoder_share(device: torch.device) -> float:
         return 0.0
     return HW_DECODER_SHARE if torch.cuda.get_device_capability(device) in _HW_JPEG_CAPABILITIES \
         else 0.0
+
+
+# DALI releases (major.minor) whose internals below were read and tested: the iterator's
+# `_schedule_runs` (start computing without blocking) and `Pipeline.deserialize` building its
+# instance as `cls()` (how `_rebuild` hands it a checkpoint). Any other release takes the public
+# path beside each use: the first batch starts computing when it is asked for, and a pipeline that
+# restores a checkpoint is traced afresh (seconds with RandAugment, instead of ~50 ms).
+DALI_INTERNALS_VERIFIED = ("2.4",)
+
+
+@functools.cache
+def dali_internals_verified() -> bool:
+    """True when the installed DALI is a release whose internals we use were verified (warns once
+    otherwise)."""
+    import nvidia.dali
+    if ".".join(nvidia.dali.__version__.split(".")[:2]) in DALI_INTERNALS_VERIFIED:
+        return True
+    log.warning("DALI %s: its internals are verified only for %s; using public calls instead "
+                "(slower epoch starts and resumes; pin nvidia-dali %s.* for the fast path)",
+                nvidia.dali.__version__, ", ".join(DALI_INTERNALS_VERIFIED),
+                DALI_INTERNALS_VERIFIED[-1])
+    return False
 
 
 def dali_available() -> bool:
@@ -231,8 +255,9 @@ class _Dali:
 
 
 def _train_pipeline(d: _Dali, pre: Preprocess, ra: dict | None, file_list: str, batch_size: int,
-                    seed: int):
-    """Trace and build the train pipeline; it reads `file_list` ("path label" lines)."""
+                    seed: int, checkpoint: bytes | None = None):
+    """Trace and build the train pipeline; it reads `file_list` ("path label" lines) and restores
+    `checkpoint` when given."""
     fn, types = d.fn, d.types
 
     @d.pipeline_def(enable_conditionals=ra is not None or bool(pre.autoaugment))
@@ -268,7 +293,8 @@ def _train_pipeline(d: _Dali, pre: Preprocess, ra: dict | None, file_list: str, 
     # on; record and drop those (only those) instead of printing them.
     with warnings.catch_warnings(record=True) as caught:
         pipe = pipeline(batch_size=batch_size, num_threads=d.threads, device_id=d.device_id,
-                        seed=seed, prefetch_queue_depth=_PREFETCH, enable_checkpointing=True)
+                        seed=seed, prefetch_queue_depth=_PREFETCH, enable_checkpointing=True,
+                        checkpoint=checkpoint)
         pipe.build()
     for w in caught:
         if not (issubclass(w.category, DeprecationWarning) and "nvidia.dali" in str(w.message)):
@@ -282,7 +308,7 @@ def _rebuild(d: _Dali, graph: bytes, batch_size: int, seed: int, checkpoint: byt
     Tracing RandAugment's conditional graph takes seconds; deserialising takes ~50 ms and, with the
     same seed, gives the same numbers as a fresh trace (checked in tests/test_data.py).
     `Pipeline.deserialize` takes no checkpoint argument, so the instance it creates gets it from
-    the constructor of this subclass.
+    the constructor of this subclass (DALI internals: only with `dali_internals_verified()`).
     """
     from nvidia.dali import Pipeline
 
@@ -362,7 +388,35 @@ def _bytes_tensor(data: bytes | str) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
 
 
+@dataclass
+class _LivePipeline:
+    """The pipeline being read: epoch `epoch`'s, started at step `origin`, next yielding `next_step`."""
+    epoch: int
+    origin: int
+    iterator: object  # DALIGenericIterator
+    next_step: int
+
+
+@dataclass
+class _PendingResume:
+    """A mid-epoch position from `load_state_dict`, restored when that epoch and step are read.
+
+    `origin`: the step the checkpointed pipeline started at (it holds that step's seed);
+    `checkpoint`: DALI's serialized pipeline checkpoint (reader position, operator RNG states).
+    """
+    epoch: int
+    step: int
+    origin: int
+    checkpoint: bytes
+
+    def at(self, epoch: int, step: int) -> bool:
+        return (self.epoch, self.step) == (epoch, step)
+
+
 class DaliTrainLoader(ResumableTrainLoader):
+    """The DALI train loader. `state_dict()` adds to the shared position
+    `"dali": {"origin": int, "checkpoint": uint8 tensor}` when the position is mid-epoch and a
+    pipeline checkpoint for it exists (the on-disk form: plain data for weights_only loading)."""
     backend = "dali"
 
     def __init__(self, split: Split, plan: TrainPlan, pre: Preprocess, device: torch.device,
@@ -384,8 +438,8 @@ class DaliTrainLoader(ResumableTrainLoader):
         tmp = tempfile.mkdtemp(prefix="tresnet-dali-")
         self._file_list = os.path.join(tmp, "files.txt")
         weakref.finalize(self, shutil.rmtree, tmp, True)
-        self._live = None  # [epoch, origin step, iterator, next step] of the pipeline being read
-        self._resume = None  # (epoch, step, origin, checkpoint) from load_state_dict
+        self._live: _LivePipeline | None = None
+        self._resume: _PendingResume | None = None
 
     def _iterator(self, epoch: int, origin: int, checkpoint: bytes | None):
         """The epoch's pipeline; `origin` > 0 reads from that step on with its own seed (used only
@@ -396,7 +450,9 @@ class DaliTrainLoader(ResumableTrainLoader):
             f.writelines(f"{self.samples[i][0]} {self.samples[i][1]}\n"
                          for i in map(self._readable_index, indices))
         seed = derive_seed(self.plan.seed, epoch, self.plan.rank, origin)
-        if self._graph is None:
+        if not dali_internals_verified():  # public path: a fresh trace restores the checkpoint
+            pipe = _train_pipeline(self._d, self.pre, self._ra, self._file_list, b, seed, checkpoint)
+        elif self._graph is None:
             pipe = _train_pipeline(self._d, self.pre, self._ra, self._file_list, b, seed)
             self._graph = pipe.serialize()
             if checkpoint is not None:
@@ -406,15 +462,16 @@ class DaliTrainLoader(ResumableTrainLoader):
         it = self._d.Iterator([pipe], ["images", "targets"], reader_name="Reader",
                               last_batch_policy=self._d.LastBatchPolicy.DROP, auto_reset=False,
                               prepare_first_batch=False)
-        # Start computing now without waiting for the first batch (the iterator's own
-        # prepare_first_batch would block the caller until it is ready).
-        getattr(it, "_schedule_runs", lambda release_outputs: None)(False)
+        if dali_internals_verified():
+            # Start computing now without waiting for the first batch (the iterator's own
+            # prepare_first_batch would block the caller until it is ready).
+            it._schedule_runs(False)
         return it
 
     def _batches(self, epoch: int, start_step: int):
         resume, self._resume = self._resume, None
-        if resume is not None and resume[:2] == (epoch, start_step):
-            origin, checkpoint = resume[2], resume[3]
+        if resume is not None and resume.at(epoch, start_step):
+            origin, checkpoint = resume.origin, resume.checkpoint
         else:
             origin, checkpoint = start_step, None
             if start_step > 0:
@@ -431,14 +488,14 @@ class DaliTrainLoader(ResumableTrainLoader):
         while True:
             self._live = None
             it = self._iterator(epoch, origin, checkpoint)
-            self._live = [epoch, origin, it, step]  # the last item: next step it yields
+            self._live = _LivePipeline(epoch, origin, it, next_step=step)
             try:
                 for out in it:
-                    self._live[3] += 1
+                    self._live.next_step += 1
                     yield _unpack(out, self.device)
                 return
             except RuntimeError:  # DALI's reader stops the pipeline at a file it cannot open
-                step = self._live[3]
+                step = self._live.next_step
                 if not self._skip_unreadable(epoch, step):
                     raise
             origin, checkpoint = step, None  # the same batches from here, without those files
@@ -470,24 +527,24 @@ class DaliTrainLoader(ResumableTrainLoader):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        if self.next_step > 0:
-            if self._live is not None and (self._live[0], self._live[3]) == (self.epoch,
-                                                                             self.next_step):
-                _, origin, it, _ = self._live
-                checkpoint = it.checkpoints()[0]
-            elif self._resume is not None and self._resume[:2] == (self.epoch, self.next_step):
-                _, _, origin, checkpoint = self._resume
-            else:
-                return state  # nothing to restore: a later set_epoch() restarts the pipeline
-            state["dali"] = {"origin": origin, "checkpoint": _bytes_tensor(checkpoint)}
+        live, resume = self._live, self._resume
+        if self.next_step == 0:
+            return state
+        if live is not None and (live.epoch, live.next_step) == (self.epoch, self.next_step):
+            origin, checkpoint = live.origin, live.iterator.checkpoints()[0]
+        elif resume is not None and resume.at(self.epoch, self.next_step):
+            origin, checkpoint = resume.origin, resume.checkpoint
+        else:
+            return state  # nothing to restore: a later set_epoch() restarts the pipeline
+        state["dali"] = {"origin": origin, "checkpoint": _bytes_tensor(checkpoint)}
         return state
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         dali = state.get("dali")
         if dali is not None and state.get("plan") == self.plan.identity():
-            checkpoint = dali["checkpoint"].numpy().tobytes()
-            self._resume = (self.epoch, self.next_step, int(dali["origin"]), checkpoint)
+            self._resume = _PendingResume(self.epoch, self.next_step, origin=int(dali["origin"]),
+                                          checkpoint=dali["checkpoint"].numpy().tobytes())
         self._live = None
 
 
