@@ -13,20 +13,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-from tresnet_train.models.checkpoints import convert_checkpoint, read_checkpoint  # noqa: E402
+from tresnet_train.models.checkpoints import (classifier_rows, convert_checkpoint,  # noqa: E402
+                                              read_checkpoint)
 from tresnet_train.models.registry import TIMM_PREFIX  # noqa: E402
-
-
-def _num_classes(state_dict: dict) -> int | None:
-    head = next((v for k, v in state_dict.items() if k in ("head.fc.weight", "fc.weight")), None)
-    return int(head.shape[0]) if head is not None else None
 
 
 def usage_lines(src: str, dst: str, state_dict: dict, verified: str | None) -> list[str]:
     """How to load `dst` in timm, and the preprocessing `src` was validated with (ours only)."""
     meta = read_checkpoint(src)
     ours = isinstance(meta.get("config"), dict) and "model_name" in meta
-    num_classes = meta["config"]["model"]["num_classes"] if ours else _num_classes(state_dict)
+    num_classes = meta["config"]["model"]["num_classes"] if ours else classifier_rows(state_dict)
     name = verified or (meta["model_name"] if ours else None)
     if name and name.startswith(TIMM_PREFIX):
         name = name[len(TIMM_PREFIX):]

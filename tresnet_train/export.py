@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
 from .config import ConfigError
 from .data.transforms import VAL_RESIZE_MODES, Preprocess
 from .models.registry import TIMM_PREFIX
@@ -267,6 +266,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (ValidationError, ckpt.CheckpointError, ConfigError) as e:
+    except (ValidationError, ConfigError) as e:
         print(f"export.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE

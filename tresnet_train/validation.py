@@ -36,7 +36,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
 from .config import Config, ConfigError, from_dict
 from .data.transforms import VAL_RESIZE_MODES
 from .distributed import World, barrier, cleanup, gather_objects, init_distributed, world_from_env
@@ -165,27 +164,6 @@ def val_folder(data: str | Path) -> Path:
     return data
 
 
-def _head_key(model: nn.Module) -> str | None:
-    """State-dict key of the classifier weight (None for models without one)."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    name = next((n for n, m in model.named_modules() if m is head), None)
-    return f"{name}.weight" if name else None
-
-
-def _load_strict(model: nn.Module, state_dict: dict, what: str) -> None:
-    try:
-        result = model.load_state_dict(state_dict, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
-        raise ValidationError(f"{what} do not fit {type(model).__name__}: {detail}; is --model "
-                              f"right?") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise ValidationError(
-            f"{what} do not fit {type(model).__name__}: {len(result.missing_keys)} missing keys "
-            f"{result.missing_keys[:3]}, {len(result.unexpected_keys)} unexpected keys "
-            f"{result.unexpected_keys[:3]}; is --model right?")
-
-
 @dataclass
 class Weights:
     """The weights a checkpoint file holds, chosen and in timm/our key layout, with what came along."""
@@ -208,13 +186,13 @@ def read_weights(path: str | Path, model: str | None = None, ema: bool | None = 
     True/False forces EMA/model weights; None takes the weights the run reported (ours: its
     train.report) or the plain state dict. `model` names the architecture (timm, official files)."""
     from .models import UnknownModelError, check_model_name, get_data_config
-    from .models.checkpoints import (detect_format, select_state_dict, strip_wrapper_prefixes,
-                                     to_timm_layout)
+    from .models.checkpoints import (detect_format, read_checkpoint, select_state_dict,
+                                     strip_wrapper_prefixes, to_timm_layout)
 
-    state = ckpt.load(path)  # weights_only: a pickle that would run code is refused here
-    if not isinstance(state, dict):
-        raise ValidationError(f"{path} holds a {type(state).__name__}, not a checkpoint or "
-                              f"state dict")
+    try:
+        state = read_checkpoint(path)  # weights_only: a pickle that would run code is refused here
+    except ValueError as e:
+        raise ValidationError(str(e)) from None
     ours = "model_name" in state and isinstance(state.get("config"), dict)
     name = model or (state["model_name"] if ours else None)
     if name is None:
@@ -275,9 +253,9 @@ def checkpoint_num_classes(w: Weights) -> int | None:
     if w.ours:
         return w.cfg.model.num_classes
     from .models import create_model
-    with torch.device("meta"):  # only the classifier's key is needed: nothing is allocated
-        head = _head_key(create_model(w.model_name, norm="bn"))
-    return int(w.state_dict[head].shape[0]) if head in w.state_dict else None
+    from .models.checkpoints import classifier_rows
+    with torch.device("meta"):  # only the classifier's name is needed: nothing is allocated
+        return classifier_rows(w.state_dict, create_model(w.model_name, norm="bn"))
 
 
 def build_model(w: Weights, num_classes: int) -> nn.Module:
@@ -285,8 +263,12 @@ def build_model(w: Weights, num_classes: int) -> nn.Module:
     checkpoints hold BatchNorm-convention weights, also from InPlace-ABN runs
     (models/inplace_abn_norm.py), and evaluation gains nothing from InPlace-ABN."""
     from .models import create_model
+    from .models.checkpoints import load_state_dict_strict
     model = create_model(w.model_name, num_classes=num_classes, norm="bn")
-    _load_strict(model, w.state_dict, f"the {w.weights} weights in {w.path}")
+    try:
+        load_state_dict_strict(model, w.state_dict, f"{w.path} ({w.weights} weights)")
+    except ValueError as e:
+        raise ValidationError(f"{e} (--model {w.model_name})") from None
     return model.eval()
 
 
@@ -474,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
         ok = True
         return EXIT_OK
-    except (ValidationError, ckpt.CheckpointError, ConfigError, DataError, PrecisionError) as e:
+    except (ValidationError, ConfigError, DataError, PrecisionError) as e:
         if world_from_env().is_main:
             print(f"validate.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -39,6 +39,9 @@ _OFFICIAL_KEY_RULES = [  # (pattern, replacement), applied in order; dots escape
     (re.compile(r"downsample\.(\d+)\.1\."), r"downsample.\1.bn."),
 ]
 _OFFICIAL_BLUR_KEY = re.compile(r"\.op\.filt$")
+# The classifier weight of a state dict whose model is not at hand: TResNet's (ours and timm's) and
+# ResNet/ResNeSt's. With the model, `classifier_name` asks it instead.
+CLASSIFIER_WEIGHT_KEYS = ("head.fc.weight", "fc.weight")
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -118,48 +121,73 @@ def read_state_dict(path: str | Path, use_ema: bool = False) -> dict:
     return to_timm_layout(select_state_dict(obj, use_ema, source=str(path)))
 
 
-def _classifier_name(model: nn.Module) -> str | None:
+def classifier_name(model: nn.Module) -> str | None:
+    """Module name of `model`'s classifier (timm's `get_classifier()`), None for a model without one."""
     if not hasattr(model, "get_classifier"):
         return None
     classifier = model.get_classifier()
     return next((name for name, m in model.named_modules() if m is classifier), None)
 
 
-def load_weights(model: nn.Module, path: str | Path, use_ema: bool = False, strict: bool = True,
-                 skip_mismatched_classifier: bool = False) -> nn.Module:
-    """Load a checkpoint of any supported format into `model` (ours, or a timm model).
+def classifier_rows(state_dict: dict, model: nn.Module | None = None) -> int | None:
+    """The classes a state dict's classifier predicts: the rows of `model`'s classifier weight
+    (`classifier_name`), or without a model, of the first of `CLASSIFIER_WEIGHT_KEYS` present.
+    None when there is no such weight (a headless model)."""
+    if model is not None:
+        name = classifier_name(model)
+        keys = (f"{name}.weight",) if name else ()
+    else:
+        keys = CLASSIFIER_WEIGHT_KEYS
+    weight = next((state_dict[k] for k in keys if k in state_dict), None)
+    return int(weight.shape[0]) if weight is not None else None
 
-    use_ema: take the checkpoint's "ema" weights instead of "model".
-    strict: every key must match (a ValueError names the missing/unexpected keys and the file).
-    skip_mismatched_classifier: keep the model's classifier when the checkpoint's has another shape
+
+def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str,
+                           skip_mismatched_classifier: bool = False, strict: bool = True) -> None:
+    """Load a timm/our-layout state dict into `model`; every refusal is a ValueError naming `source`.
+
+    strict: every key must match (missing and unexpected keys are named).
+    skip_mismatched_classifier: keep the model's classifier when `state_dict`'s has another shape
         or the model has none (fine-tuning to a new number of classes).
     """
-    state_dict = read_state_dict(path, use_ema)
+    state_dict = dict(state_dict)
     model_state = model.state_dict()
     skipped = []
-    head = _classifier_name(model)
+    head = classifier_name(model)
     if skip_mismatched_classifier and head:
         for k in [k for k in state_dict if k.startswith(head + ".")]:
             if k not in model_state or model_state[k].shape != state_dict[k].shape:
                 skipped.append(k)
                 del state_dict[k]
         if skipped:
-            log.info("%s: classifier %s not loaded (shape differs from the model's)", path, skipped)
+            log.info("%s: classifier %s not loaded (shape differs from the model's)", source, skipped)
     mismatched = [f"{k} {tuple(v.shape)} vs model {tuple(model_state[k].shape)}"
                   for k, v in state_dict.items() if k in model_state and v.shape != model_state[k].shape]
     if mismatched:
-        raise ValueError(f"{path} does not fit {type(model).__name__}: {len(mismatched)} tensors have "
-                         f"other shapes, e.g. {mismatched[:3]}. Is it the right model / num_classes?")
+        raise ValueError(f"{source} does not fit {type(model).__name__}: {len(mismatched)} tensors "
+                         f"have other shapes, e.g. {mismatched[:3]}. Is it the right model / "
+                         f"num_classes?")
     try:
         result = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:  # a layer refused a value (e.g. InPlace-ABN and a negative scale)
-        raise ValueError(f"{path}: cannot load into {type(model).__name__}: {e}") from e
+        raise ValueError(f"{source}: cannot load into {type(model).__name__}: {e}") from e
     missing = [k for k in result.missing_keys if not (skipped and k.startswith(head + "."))]
     if strict and (missing or result.unexpected_keys):
         raise ValueError(
-            f"{path} does not match {type(model).__name__}: missing keys {missing[:5]}"
+            f"{source} does not match {type(model).__name__}: missing keys {missing[:5]}"
             f"{' ...' if len(missing) > 5 else ''} ({len(missing)}), unexpected keys "
             f"{result.unexpected_keys[:5]} ({len(result.unexpected_keys)}). Is it the right model?")
+
+
+def load_weights(model: nn.Module, path: str | Path, use_ema: bool = False, strict: bool = True,
+                 skip_mismatched_classifier: bool = False) -> nn.Module:
+    """Load a checkpoint of any supported format into `model` (ours, or a timm model).
+
+    use_ema: take the checkpoint's "ema" weights instead of "model"; strict and
+    skip_mismatched_classifier as `load_state_dict_strict`.
+    """
+    load_state_dict_strict(model, read_state_dict(path, use_ema), str(path),
+                           skip_mismatched_classifier=skip_mismatched_classifier, strict=strict)
     return model
 
 
@@ -183,8 +211,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, use_ema: bool = False,
     state_dict = export_timm_state_dict(read_state_dict(src, use_ema))
     if verify_timm_model:
         import timm
-        fc_weight = next((v for k, v in state_dict.items() if k in ("head.fc.weight", "fc.weight")), None)
-        num_classes = fc_weight.shape[0] if fc_weight is not None else 0
+        num_classes = classifier_rows(state_dict) or 0
         reference = timm.create_model(verify_timm_model, pretrained=False, num_classes=num_classes)
         reference.load_state_dict(state_dict, strict=True)
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
