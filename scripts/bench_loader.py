@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tresnet_train.config import DECODERS, DEVICES  # noqa: E402
 from tresnet_train.data import Preprocess, TrainPlan, index_images  # noqa: E402
 from tresnet_train.data.build import resolve_backend  # noqa: E402
 
@@ -83,14 +84,14 @@ def bench(backend: str, split, args, device: torch.device) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="folder of class folders, or a root with train/")
-    p.add_argument("--backend", nargs="+", default=["torch", "dali"], choices=["torch", "dali"])
+    p.add_argument("--backend", nargs="+", default=["torch", "dali"], choices=DECODERS)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers / DALI threads")
     p.add_argument("--steps", type=int, default=100, help="timed batches")
     p.add_argument("--warmup", type=int, default=5, help="untimed batches first")
     p.add_argument("--randaugment", default="", help="timm spec, e.g. rand-m9-mstd0.5-inc1")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--upscale-from", help="fill --data first with photos from this folder, resized")
     p.add_argument("--count", type=int, default=400, help="photos for --upscale-from")

@@ -35,6 +35,7 @@ from benchmark import device_slug, environment  # noqa: E402  (also puts the che
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from tresnet_train.config import DEVICES  # noqa: E402
 from tresnet_train.export import OnnxModel, export_onnx  # noqa: E402
 from tresnet_train.models import create_model  # noqa: E402
 
@@ -50,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed blocks per engine and batch")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch and ONNX Runtime (default: the CPUs available)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto: add the GPU engines when CUDA is available")
     p.add_argument("--out-dir", default="benchmarks")
     return p.parse_args(argv)

@@ -55,6 +55,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from tresnet_train.config import AMP_MODES  # noqa: E402
+
 SCHEMA = 1
 FLAGS = ("channels_last", "compile", "iabn", "cudagraphs")
 DEFAULT_MODELS = "tresnet_m,timm/tresnet_m,timm/resnet50,tresnet_l,tresnet_xl,tresnet_m@448"
@@ -89,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=None, help="timed steps per repeat (20 GPU, 2 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (10 GPU, 1 CPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats; median kept (5 GPU, 2 CPU)")
-    p.add_argument("--amp", choices=("bf16", "fp16", "none"), default=None,
+    p.add_argument("--amp", choices=[m for m in AMP_MODES if m != "auto"], default=None,
                    help="autocast dtype (bf16 on GPU, none on CPU); fp16 adds a GradScaler")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--num-classes", type=int, default=1000)

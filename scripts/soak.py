@@ -30,6 +30,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
+from tresnet_train.config import DECODERS  # noqa: E402
+
 STEPS_PER_EPOCH = 22  # configs/demo.yaml: 1,438 training digits in batches of 64 (train.steps_per_epoch)
 
 
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=100, help="steps between samples")
     parser.add_argument("--since", type=int, default=500, help="step the growth is measured from")
     parser.add_argument("--max-growth-mb", type=float, default=50.0)
-    parser.add_argument("--backends", nargs="+", default=["torch", "dali"])
+    parser.add_argument("--backends", nargs="+", default=["torch", "dali"], choices=DECODERS)
     parser.add_argument("--max-minutes", type=float, default=0.0,
                         help="stop each run (SIGTERM: checkpoint, exit 75) after this long and "
                              "tabulate what was sampled; 0 = no limit")

@@ -114,3 +114,22 @@ def test_exponent_without_a_dot_is_a_float_in_files_and_overrides(tmp_path):
     assert cfg.optim.weight_decay == 5e-5 and cfg.optim.lr == 0.1
     assert load_config(path, ["optim.weight_decay=2e-5"]).optim.weight_decay == 2e-5
     assert load_config(path, ["run.output_dir=1e5x"]).run.output_dir == "1e5x"  # not a number
+
+
+def test_each_choice_list_serves_config_command_lines_and_messages():
+    import re
+
+    from tresnet_train import config
+    from tresnet_train.validation import build_parser
+    for key, valid in config.CHOICES.items():
+        with pytest.raises(ConfigError, match=re.escape(f"'{key}': invalid value 'bogus' (valid: "
+                                                        f"{', '.join(valid)})")):
+            load_config(None, [f"{key}=bogus"])
+        section, name = key.split(".")
+        for value in valid:
+            cfg = load_config(None, ["data.root=images", f"{key}={value!r}"])
+            assert getattr(getattr(cfg, section), name) == value
+    choices = {a.dest: a.choices for a in build_parser()._actions}
+    assert (choices["backend"], choices["amp"], choices["device"]) == (
+        config.BACKENDS, config.AMP_MODES, config.DEVICES)
+    assert config.BACKENDS == ("auto", *config.DECODERS)

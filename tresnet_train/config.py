@@ -38,18 +38,30 @@ class ConfigError(ValueError):
     """A config problem the user can fix; the message names the file, key or value."""
 
 
+# The allowed values of each choice key, beside the dataclass holding it: config validation
+# (CHOICES), the command lines' `choices=` and their error messages all read these lists.
+NORMS = ("auto", "bn", "iabn")  # model.norm
+
+
 @dataclass
 class ModelConfig:
     name: str = "tresnet_m"  # a registered name (see `list_models()`) or timm/<name>
     num_classes: int = 1000  # must equal the number of class folders in data.root
     pretrained: str | None = None  # checkpoint path loaded into the model before training (any format)
     init_from: str | None = None  # fine-tuning: model (or EMA) weights of a checkpoint; optimizer starts fresh
-    norm: str = "auto"  # auto | bn | iabn (InPlace-ABN; auto = iabn on CUDA when installed)
+    norm: str = "auto"  # NORMS: auto | bn | iabn (InPlace-ABN; auto = iabn on CUDA when installed)
     drop_path_rate: float = 0.0  # stochastic depth, linearly increasing over blocks
     drop_block_rate: float = 0.0  # DropBlock in the last two stages (ResNeSt only), ramped linearly over epochs
     channels_last: bool = False  # NHWC memory format (measure per model: it can be slower)
     compile: bool = False  # torch.compile the model
     sync_bn: bool = False  # batch statistics over all processes (per process is the published recipes' way)
+
+
+SOURCES = ("folder", "digits", "synthetic")  # data.source
+DECODERS = ("dali", "torch")  # the data backends themselves
+BACKENDS = ("auto", *DECODERS)  # data.backend
+TRAIN_INTERPOLATIONS = ("", "bilinear", "bicubic", "random")  # data.train_interpolation
+AUTOAUGMENT_POLICIES = ("", "original")  # data.autoaugment
 
 
 @dataclass
@@ -79,6 +91,10 @@ class DataConfig:
     synthetic_size: int = 1024  # images per epoch for source=synthetic
 
 
+OPTIMIZERS = ("sgd", "adamw", "lamb")  # optim.name
+SCHEDULES = ("cosine", "onecycle", "step")  # optim.schedule
+
+
 @dataclass
 class OptimConfig:
     name: str = "sgd"  # sgd (Nesterov) | adamw | lamb, timm's implementations
@@ -100,6 +116,11 @@ class OptimConfig:
     accum_steps: int = 1  # gradient accumulation: micro-batches per optimizer step
 
 
+AMP_MODES = ("auto", "bf16", "fp16", "none")  # train.amp
+LOSSES = ("ce", "bce")  # train.loss
+REPORT_SOURCES = ("auto", "model", "ema")  # train.report
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 300  # total epochs
@@ -112,6 +133,9 @@ class TrainConfig:
     report: str = "auto"  # headline weights: model | ema | auto (ema when train.ema): best.pth, summary
     val_every: int = 1  # validate every N epochs (and always after the last)
     steps_per_epoch: int = 0  # cap on steps per epoch, for smoke runs (0 = the whole loader)
+
+
+DEVICES = ("auto", "cuda", "cpu")  # run.device
 
 
 @dataclass
@@ -138,17 +162,17 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.norm": ("auto", "bn", "iabn"),
-    "data.source": ("folder", "digits", "synthetic"),
-    "data.backend": ("auto", "dali", "torch"),
-    "optim.name": ("sgd", "adamw", "lamb"),
-    "optim.schedule": ("cosine", "onecycle", "step"),
-    "train.amp": ("auto", "bf16", "fp16", "none"),
-    "train.loss": ("ce", "bce"),
-    "train.report": ("auto", "model", "ema"),
-    "data.train_interpolation": ("", "bilinear", "bicubic", "random"),
-    "data.autoaugment": ("", "original"),
-    "run.device": ("auto", "cuda", "cpu"),
+    "model.norm": NORMS,
+    "data.source": SOURCES,
+    "data.backend": BACKENDS,
+    "optim.name": OPTIMIZERS,
+    "optim.schedule": SCHEDULES,
+    "train.amp": AMP_MODES,
+    "train.loss": LOSSES,
+    "train.report": REPORT_SOURCES,
+    "data.train_interpolation": TRAIN_INTERPOLATIONS,
+    "data.autoaugment": AUTOAUGMENT_POLICIES,
+    "run.device": DEVICES,
 }
 
 # Keys whose value must be > 0 (or >= 0), checked after loading so a typo costs seconds.

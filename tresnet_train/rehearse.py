@@ -43,6 +43,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import DECODERS
+
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: train.py, validate.py, scripts/
 LAUNCHER = ROOT / "scripts" / "slurm" / "launch.py"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 75
@@ -547,9 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    bad = [b for b in backends if b not in ("dali", "torch")]
+    bad = [b for b in backends if b not in DECODERS]
     if bad or not backends:
-        print(f"rehearse: error: --backends: expected a comma list of dali, torch; got "
+        print(f"rehearse: error: --backends: expected a comma list of {', '.join(DECODERS)}; got "
               f"{args.backends!r}", file=sys.stderr)
         return EXIT_USAGE
     from .config import ConfigError, parse_override

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import Config, ConfigError, from_dict
+from .config import AMP_MODES, BACKENDS, DEVICES, Config, ConfigError, from_dict
 from .data.transforms import VAL_RESIZE_MODES
 from .distributed import World, barrier, cleanup, gather_objects, init_distributed, world_from_env
 from .engine import evaluate
@@ -102,11 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "evaluation at 448, the paper's 448 numbers)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per process per step (default: the checkpoint's val batch, else 64)")
-    p.add_argument("--backend", choices=("auto", "dali", "torch"), default="auto",
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="decoder: auto = DALI when installed, else torchvision")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
+    p.add_argument("--amp", choices=AMP_MODES, default="auto",
                    help="autocast dtype (auto = bf16 on GPU, none on CPU)")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--workers", type=int, default=None,
                    help="loader workers (torch) or threads (DALI) per process (default: the "
                         "checkpoint's data.workers, else 8)")

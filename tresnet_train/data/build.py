@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import BACKENDS, DECODERS
 from .dali_backend import (DaliTrainLoader, DaliValLoader, dali_available,
                            describe_preallocation)
 from .digits import build_digits
@@ -27,8 +28,8 @@ def resolve_backend(name: str) -> str:
     if name == "dali" and not dali_available():
         raise DataError("data.backend=dali but NVIDIA DALI is not installed: pip install "
                         "'tresnet-train[dali]' (CUDA 12) or '[dali-cu13]', or set data.backend=torch")
-    if name not in ("dali", "torch"):
-        raise DataError(f"data.backend={name!r}: expected auto, dali or torch")
+    if name not in DECODERS:
+        raise DataError(f"data.backend={name!r}: expected one of {', '.join(BACKENDS)}")
     return name
 
 

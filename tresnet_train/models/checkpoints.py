@@ -12,6 +12,10 @@ Formats read by `load_weights` (told apart by their keys, never by the file name
     ours is a non-persistent buffer.
 Every file is read with `torch.load(weights_only=True)`: a pickle that would run code is refused.
 Wrapper prefixes (`module.` from DDP, `_orig_mod.` from torch.compile) are stripped.
+
+Every reader of weights goes through here (the trainer's pretrained/init_from, validate.py,
+scripts/export.py, scripts/convert_checkpoint.py): `classifier_name` is the one rule for which keys
+are the classifier, `load_state_dict_strict` the one loader that refuses what does not fit.
 """
 from __future__ import annotations
 
