@@ -15,6 +15,8 @@ from torch import nn
 
 from tresnet_train.models import (create_model, export_timm_state_dict, load_weights,
                                   read_state_dict)
+from tresnet_train.models.checkpoints import (classifier_name, classifier_rows,
+                                              load_state_dict_strict)
 from tresnet_train.models.layers import ConvNormAct, binomial_filter_3x3, inplace_abn_available
 
 REPO = Path(__file__).parents[1]
@@ -190,6 +192,26 @@ def test_official_file_into_inplace_abn_keeps_the_official_scale(tmp_path):
     x = torch.randn(2, layer.num_features, 8, 8)
     with torch.no_grad():
         assert torch.allclose(layer.eval()(x.clone()), library(x.clone()), atol=1e-6)
+
+
+@pytest.mark.parametrize("name, head", [("tresnet_tiny", "head.fc"), ("resnest50d", "fc")])
+def test_one_classifier_rule_with_and_without_the_model(name, head):
+    with torch.device("meta"):
+        model = create_model(name, num_classes=7, norm="bn")
+    state_dict = model.state_dict()
+    assert classifier_name(model) == head
+    assert classifier_rows(state_dict, model) == classifier_rows(state_dict) == 7
+    headless = {k: v for k, v in state_dict.items() if not k.startswith(head + ".")}
+    assert classifier_rows(headless, model) is None and classifier_rows(headless) is None
+
+
+def test_strict_loader_names_the_source_and_the_missing_classifier():
+    model = create_model("tresnet_tiny", num_classes=7, norm="bn")
+    headless = {k: v for k, v in model.state_dict().items() if not k.startswith("head.fc.")}
+    with pytest.raises(ValueError, match=r"mine\.pth does not match TResNet: missing keys "
+                                         r"\['head\.fc\.weight', 'head\.fc\.bias'\] \(2\)"):
+        load_state_dict_strict(model, headless, "mine.pth")
+    load_state_dict_strict(model, headless, "mine.pth", strict=False)
 
 
 @needs_iabn
