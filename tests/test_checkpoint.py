@@ -1,4 +1,4 @@
-"""Checkpoint files: one write per epoch end with hard links, cheap checks, resume choice, RNG state."""
+"""Checkpoint files: one write per epoch end with hard links, cheap checks, resume choice."""
 from __future__ import annotations
 
 import errno
@@ -8,7 +8,6 @@ import torch
 
 from trainer_helpers import ROOT, load, tiny_overrides
 from tresnet_train import checkpoint
-from tresnet_train.trainer import restore_rng, rng_states
 
 
 def _state(step: int) -> dict:
@@ -84,35 +83,3 @@ def test_epoch_ends_write_once_and_link_best_and_top_k(tmp_path, digits, monkeyp
         assert load(best)["best"]["epoch"] == 0
     finally:
         trainer.close()
-
-
-def _byte(value: int) -> torch.Tensor:
-    return torch.tensor([value], dtype=torch.uint8)
-
-
-def test_rng_states_hold_this_processes_gpu_only(monkeypatch):
-    asked = []
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": asked.append(device) or _byte(7))
-    assert rng_states(torch.device("cpu"))["cuda"] is None and asked == []
-    state = rng_states(torch.device("cuda", 1))
-    assert asked == [torch.device("cuda", 1)] and state["cuda"].tolist() == [7]
-
-
-@pytest.mark.parametrize("saved, device, expected", [
-    (_byte(5), torch.device("cuda", 1), [5]),  # this format: this process's GPU
-    ([_byte(i) for i in range(8)], torch.device("cuda", 1), [1]),  # older: all 8 visible GPUs
-    ([_byte(3)], torch.device("cuda", 2), [3]),  # older, saved where fewer GPUs were visible
-    ([], torch.device("cuda", 0), None),  # older, saved on CPU
-    (None, torch.device("cuda", 0), None),  # this format, saved on CPU
-    ([_byte(3)], torch.device("cpu"), None),
-])
-def test_restore_rng_sets_this_gpus_state_from_old_and_new_checkpoints(monkeypatch, saved, device,
-                                                                       expected):
-    restored = []
-    monkeypatch.setattr(torch.cuda, "set_rng_state",
-                        lambda state, device="cuda": restored.append((state.tolist(), device)))
-    state = dict(rng_states(torch.device("cpu")), cuda=saved)
-    draw = torch.rand(3)
-    restore_rng(state, device)
-    assert torch.equal(torch.rand(3), draw)  # the CPU stream is restored as well
-    assert restored == ([] if expected is None else [(expected, device)])

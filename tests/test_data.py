@@ -306,6 +306,16 @@ def test_train_plan_shards_by_global_rank_and_reshuffles():
     assert len(set(seeds.tolist())) == len(seeds)
 
 
+def test_sample_seeds_depend_on_seed_epoch_and_global_position_alone():
+    """The same global position gets the same augmentation seed whatever the world and batch size
+    (and so whichever rank reads it); another epoch or run.seed gets other seeds."""
+    one = TrainPlan(96, 8, 1, 0, seed=5).rank_seeds(2)
+    two = [TrainPlan(99, 4, 2, r, seed=5).rank_seeds(2) for r in range(2)]
+    assert len(one) == 96 and np.array_equal(one[0::2], two[0]) and np.array_equal(one[1::2], two[1])
+    assert len(set(one.tolist()) & set(TrainPlan(96, 8, 1, 0, seed=5).rank_seeds(3).tolist())) < 2
+    assert len(set(one.tolist()) & set(TrainPlan(96, 8, 1, 0, seed=6).rank_seeds(2).tolist())) < 2
+
+
 def test_repeated_augmentation_puts_copies_on_different_ranks():
     plans = [TrainPlan(40, 2, 4, r, seed=0, repeats=3) for r in range(4)]
     order = plans[0].epoch_order(0)

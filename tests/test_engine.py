@@ -15,7 +15,7 @@ from timm.loss import BinaryCrossEntropy
 
 from trainer_helpers import load, tiny_overrides, train
 from tresnet_train.config import load_config
-from tresnet_train.engine import NoEMA, StepParts, train_one_epoch
+from tresnet_train.engine import NoEMA, StepParts, grouped, train_step
 from tresnet_train.losses import CrossEntropy, build_batch_augment, build_criterion
 from tresnet_train.precision import GradClipper, Precision
 
@@ -30,13 +30,9 @@ def run_steps(model: nn.Module, batches: list, accum_steps: int, precision: Prec
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     parts = StepParts(model=model, train_model=model, optimizer=optimizer, schedule=lambda step: 0.1,
                       criterion=CrossEntropy(0.0), batch_augment=lambda x, y: (x, y),
-                      precision=precision, clipper=clipper, ema=NoEMA(), accum_steps=accum_steps,
-                      seed=0, rank=0)
-    losses = []
-    steps = len(batches) // accum_steps
-    train_one_epoch(parts, batches, epoch=0, steps=steps, start_step=0,
-                    on_step=lambda loss, **_: losses.append(loss.item()) and False)
-    return losses
+                      precision=precision, clipper=clipper, ema=NoEMA(), seed=0, rank=0)
+    return [train_step(parts, micro_batches, step).item()
+            for step, micro_batches in enumerate(grouped(batches, accum_steps))]
 
 
 def test_accumulating_two_half_batches_equals_one_full_batch():

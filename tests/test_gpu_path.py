@@ -6,13 +6,12 @@ import torch
 
 from tresnet_train.config import OptimConfig
 from tresnet_train.data.dali_backend import dali_available
-from tresnet_train.engine import StepParts, train_one_epoch
+from tresnet_train.engine import StepMeter, StepParts, train_step
 from tresnet_train.losses import BatchAugment, CrossEntropy
 from tresnet_train.models import create_model
 from tresnet_train.models.layers import inplace_abn_available
 from tresnet_train.optim import build_optimizer, build_schedule
 from tresnet_train.precision import GradClipper, Precision
-from tresnet_train.trainer import _StepMeter
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -29,15 +28,15 @@ def test_steps_between_log_points_never_sync_with_the_host():
                       schedule=build_schedule(OptimConfig(lr=0.1), 0.1, steps, 1),
                       criterion=CrossEntropy(0.1), batch_augment=BatchAugment(None, None),
                       precision=Precision("auto", device), clipper=GradClipper(0.0),
-                      ema=ModelEmaV3(model, decay=0.9), accum_steps=1, seed=0, rank=0)
+                      ema=ModelEmaV3(model, decay=0.9), seed=0, rank=0)
     batches = [(torch.rand(16, 3, 64, 64, device=device),
                 torch.randint(0, 10, (16,), device=device)) for _ in range(steps)]
-    meter = _StepMeter(device, 0)
+    meter = StepMeter(device, 0)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        train_one_epoch(parts, batches, 0, steps, 0,
-                        lambda step, global_step, loss, lr, images: meter.add(loss, images))
+        for step, batch in enumerate(batches):
+            meter.add(train_step(parts, [batch], step), images=16)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     mean_loss, nonfinite, _ = meter.reduce(False)  # the log point: the one host sync

@@ -34,7 +34,8 @@ def test_run_writes_config_checkpoints_metrics_and_tensorboard(reference):
     last, best = load(out / "last.pth"), load(out / "best.pth")
     assert last["global_step"] == 12 and last["epoch"] == 2 and last["step_in_epoch"] == 0
     assert last["config"]["model"]["name"] == "tresnet_tiny"
-    assert {"model", "ema", "optimizer", "scaler", "loader", "rng", "classes"} <= last.keys()
+    assert {"model", "ema", "optimizer", "scaler", "loader", "classes"} <= last.keys()
+    assert "rng" not in last  # every stream is reseeded from the step (data/plan.py)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # train.report auto with EMA on: best.pth ranks epochs by the EMA's top-1 alone (as timm
     # reports it), never by the higher of model and EMA; both are still logged every epoch.
@@ -65,6 +66,34 @@ def test_run_tells_progress_time_and_1_based_epochs(reference):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["wall_time_s"] > 0 and summary["best"]["epoch"] in (1, 2)
     assert f"epoch {summary['best']['epoch']})" in proc.stdout  # the done line and the file agree
+
+
+def test_run_in_process_resumes_a_checkpoint_with_rng_states_and_restores_signal_handlers(
+        tmp_path, digits, reference):
+    """Older checkpoints also hold each rank's RNG states ("rng"); a resume ignores them. A run
+    inside this process leaves the signal handlers as it found them."""
+    from tresnet_train.config import load_config
+    from tresnet_train.trainer import EXIT_OK, run
+
+    ref_out, _ = reference
+    out = tmp_path / "run"
+    out.mkdir()
+    old = load(ref_out / "last.pth")
+    old["rng"] = [{"torch": torch.get_rng_state(), "python": None, "numpy": None, "cuda": None}]
+    torch.save(old, out / "last.pth")
+
+    def ours(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGINT, ours)
+    try:
+        assert run(load_config(ROOT / "configs" / "demo.yaml", tiny_overrides(out, digits))) == EXIT_OK
+        assert signal.getsignal(signal.SIGINT) is ours
+    finally:
+        signal.signal(signal.SIGINT, before)
+    summary = json.loads((out / "summary.json").read_text())
+    reference_summary = json.loads((ref_out / "summary.json").read_text())
+    assert summary["weights_sha256_per_rank"] == reference_summary["weights_sha256_per_rank"]
 
 
 def _records_once(out) -> None:

@@ -14,13 +14,11 @@ import hashlib
 import json
 import logging
 import os
-import random
 import signal
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 from timm.utils import ModelEmaV3
@@ -30,9 +28,9 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_yaml, report_source, to_dict
 from .data import DataError, build_loaders, scan_image_folder
 from .data.digits import check_digits_root
-from .distributed import (World, all_reduce_sum, barrier, broadcast_buffers, broadcast_object, cleanup,
+from .distributed import (World, barrier, broadcast_buffers, broadcast_object, cleanup,
                           gather_objects, init_distributed, local_gpu, world_from_env)
-from .engine import NoEMA, StepParts, evaluate, train_one_epoch
+from .engine import NoEMA, StepMeter, StepParts, evaluate, grouped, train_step
 from .logs import MetricsLog, Progress, duration, setup_console
 from .losses import build_batch_augment, build_criterion
 from .models import UnknownModelError, check_model_name, create_model, get_data_config, load_weights
@@ -44,7 +42,7 @@ from .sync_norm import convert_sync_norm
 
 log = logging.getLogger("tresnet_train")
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_PREEMPTED, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
+EXIT_OK, EXIT_FAILED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 0, 1, 75, 130
 
 
 class NonFiniteLoss(RuntimeError):
@@ -102,8 +100,13 @@ class StopSignal:
     def __init__(self, announce: bool):
         self.received: str | None = None
         self.announce = announce  # rank 0 says what happens; the other ranks stay quiet
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle)
+                         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+
+    def restore(self) -> None:
+        """Put back the handlers found at construction (None: one not set from Python, the default)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
     @property
     def exit_code(self) -> int:
@@ -195,31 +198,6 @@ def wrap_model(model: nn.Module, cfg: Config, world: World,
     if cfg.model.compile:
         train_model = torch.compile(train_model)
     return model, train_model
-
-
-def rng_states(device: torch.device) -> dict:
-    """This process's RNG states as plain data (weights_only-safe), for the record and the restore.
-
-    CUDA: this process's GPU only (None on CPU). Saving every visible GPU's state made a resume with
-    fewer visible GPUs fail; the step loop reseeds every stream from (seed, rank, step) anyway.
-    """
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def restore_rng(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    cuda = state["cuda"]
-    if isinstance(cuda, list):  # older checkpoints: every visible GPU's state, [] on CPU
-        index = device.index or 0
-        cuda = cuda[index] if index < len(cuda) else cuda[0] if cuda else None
-    if cuda is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda, device)
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -328,7 +306,7 @@ class Trainer:
             batch_augment=build_batch_augment(cfg, cfg.model.num_classes, self.device,
                                               self.data_config.get("std", (1.0, 1.0, 1.0))),
             precision=self.precision, clipper=GradClipper(cfg.optim.clip_grad), ema=self.ema,
-            accum_steps=cfg.optim.accum_steps, seed=cfg.run.seed, rank=self.world.rank)
+            seed=cfg.run.seed, rank=self.world.rank)
 
         self.epoch, self.start_step = 0, 0
         self.report = report_source(cfg)  # the headline weights; the other's top-1 is logged too
@@ -342,15 +320,14 @@ class Trainer:
                                   resume_step=self.epoch * self.steps + self.start_step)
 
     def close(self) -> None:
-        """Close the metrics and hand the run folder back (its lock)."""
+        """Close the metrics, put back the signal handlers and hand the run folder back (its lock)."""
+        self.stop.restore()
         self.metrics.close()
         self.lock.release()
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state(self, epoch: int, step: int) -> dict:
         """Everything needed to continue exactly at optimizer step `step` of `epoch` (collective)."""
-        per_rank = gather_objects({"loader": self.train_loader.state_dict(),
-                                   "rng": rng_states(self.device)})
         return {
             "model": self.model.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema.module is not None else None,
@@ -358,7 +335,7 @@ class Trainer:
             "scaler": self.precision.scaler.state_dict(),
             "epoch": epoch, "step_in_epoch": step, "global_step": epoch * self.steps + step,
             "steps_per_epoch": self.steps, "world_size": self.world.world_size,
-            "loader": [r["loader"] for r in per_rank], "rng": [r["rng"] for r in per_rank],
+            "loader": gather_objects(self.train_loader.state_dict()),  # one per rank
             "config": to_dict(self.cfg), "model_name": self.cfg.model.name,
             "data_config": {k: list(v) if isinstance(v, tuple) else v
                             for k, v in self.data_config.items()},
@@ -419,7 +396,6 @@ class Trainer:
         self.last_val = state.get("val", {})
         if state["world_size"] == self.world.world_size:
             self.train_loader.load_state_dict(state["loader"][self.world.rank])
-            restore_rng(state["rng"][self.world.rank], self.device)
         else:
             log.warning("resuming with world size %d from a %d-process checkpoint: the data order "
                         "of the current epoch restarts from the saved step with a new sharding",
@@ -484,55 +460,66 @@ class Trainer:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
 
     def train_epoch(self, epoch: int, start_step: int) -> bool:
-        """Train one epoch from `start_step`; True when a stop signal ended it (checkpoint written)."""
+        """Train one epoch from `start_step`; True when a stop signal ended it (checkpoint written).
+
+        Each step: train, then at a log point log, at a checkpoint point save, and on a stop signal
+        save and stop. The loss stays on the device between log points. A lone process honours a
+        signal at any step for free; several agree on it at log and checkpoint points only, where
+        the flag travels in the loss's all-reduce.
+        """
         cfg, world = self.cfg, self.world
         self.train_loader.set_epoch(epoch, start_step * cfg.optim.accum_steps)
         set_drop_block(self.model, cfg.model.drop_block_rate * (epoch + 1) / cfg.train.epochs)
+        self.model.train()
         progress = Progress(world.is_main, epoch, cfg.train.epochs, self.steps, start_step)
-        first_step = start_step
-        meter = _StepMeter(self.device, epoch * self.steps + start_step)
-
-        def on_step(step, global_step, loss, lr, images) -> bool:
-            meter.add(loss, images)
-            last_step = step + 1 == self.steps
-            ckpt_due = bool(cfg.run.ckpt_every_steps) and (global_step + 1) % cfg.run.ckpt_every_steps == 0
-            log_due = (step + 1) % cfg.run.log_every == 0 or last_step or step == first_step
-            # A lone process can honour a signal at every step for free; several must agree first.
-            if not (log_due or ckpt_due or (not world.distributed and self.stop.received)):
-                return False
-            mean_loss, nonfinite, signalled = meter.reduce(self.stop.received is not None)
-            if nonfinite:
-                raise NonFiniteLoss(
-                    f"loss became non-finite (NaN/inf) at global step {meter.first_bad_step()} "
-                    f"(epoch {epoch + 1}); stopping. The last good checkpoint is "
-                    f"{self.out / ckpt.LAST}: lower optim.lr or set optim.clip_grad, then resume.")
-            if log_due:
-                img_s = meter.images * world.world_size / meter.elapsed()
-                progress.update(step, mean_loss, lr, img_s)
-                self.metrics.write("train", global_step + 1, **{  # steps done, as val records
-                    "train/loss": mean_loss, "train/lr": lr, "train/img_per_s": img_s})
-                meter.reset(global_step + 1)
-            if (signalled or ckpt_due) and not last_step:
-                self.save(epoch, step + 1)
-            return signalled and not last_step
-
-        stopped = False
-
-        def on_step_and_note(**kwargs) -> bool:
-            nonlocal stopped
-            stopped = on_step(**kwargs)
-            return stopped
-
+        meter = StepMeter(self.device, epoch * self.steps + start_step)
+        batches = grouped(self.train_loader, cfg.optim.accum_steps)
+        ckpt_every = cfg.run.ckpt_every_steps  # 0: at epoch ends only
         try:
-            train_one_epoch(self.parts, self.train_loader, epoch, self.steps, start_step,
-                            on_step_and_note)
+            for step, micro_batches in zip(range(start_step, self.steps), batches):
+                global_step = epoch * self.steps + step
+                loss = train_step(self.parts, micro_batches, global_step)
+                meter.add(loss, images=sum(len(targets) for _, targets in micro_batches))
+
+                last = step + 1 == self.steps
+                log_due = step == start_step or (step + 1) % cfg.run.log_every == 0 or last
+                ckpt_due = ckpt_every > 0 and (global_step + 1) % ckpt_every == 0
+                lone_stop = not world.distributed and self.stop.received is not None
+                if not (log_due or ckpt_due or lone_stop):
+                    continue
+                mean_loss, stop = self.read_meter(meter, epoch)
+                if log_due:
+                    self.log_train(progress, meter, step, global_step, mean_loss)
+                if (stop or ckpt_due) and not last:
+                    self.save(epoch, step + 1)
+                if stop and not last:
+                    return True
         finally:
             progress.close()
-        if not stopped:
-            broadcast_buffers(self.model)
-            if self.ema.module is not None:
-                broadcast_buffers(self.ema.module)
-        return stopped
+        broadcast_buffers(self.model)
+        if self.ema.module is not None:
+            broadcast_buffers(self.ema.module)
+        return False
+
+    def read_meter(self, meter: StepMeter, epoch: int) -> tuple[float, bool]:
+        """(mean loss since the last log point, any rank signalled); NonFiniteLoss on a NaN/inf."""
+        mean_loss, nonfinite, signalled = meter.reduce(self.stop.received is not None)
+        if nonfinite:
+            raise NonFiniteLoss(
+                f"loss became non-finite (NaN/inf) at global step {meter.first_bad_step()} "
+                f"(epoch {epoch + 1}); stopping. The last good checkpoint is "
+                f"{self.out / ckpt.LAST}: lower optim.lr or set optim.clip_grad, then resume.")
+        return mean_loss, signalled
+
+    def log_train(self, progress: Progress, meter: StepMeter, step: int, global_step: int,
+                  mean_loss: float) -> None:
+        """The progress line and the train metrics, then a new log interval."""
+        lr = self.parts.schedule(global_step)
+        img_s = meter.images_per_s(self.world.world_size)
+        progress.update(step, mean_loss, lr, img_s)
+        self.metrics.write("train", global_step + 1, **{  # steps done, as val records
+            "train/loss": mean_loss, "train/lr": lr, "train/img_per_s": img_s})
+        meter.reset(global_step + 1)
 
     def validate(self, epoch: int, epoch_time: float) -> dict:
         """Validate the model and its EMA; log, and return {"model": metrics, "ema": metrics}."""
@@ -581,48 +568,6 @@ class Trainer:
             if improved:
                 ckpt.link_atomic(last, self.out / ckpt.BEST)
         barrier()
-
-
-class _StepMeter:
-    """Per-step loss and throughput kept on the device; read only at log points.
-
-    Adding a step launches device ops only (no host-to-device copy, no sync): the step number lives
-    on the device too, counted up from the one given at `reset`.
-    """
-
-    def __init__(self, device: torch.device, global_step: int):
-        self.device = device
-        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        self.reset(global_step)
-
-    def reset(self, global_step: int) -> None:
-        """Start a new log interval whose first step is `global_step`."""
-        self.loss_sum = torch.zeros((), device=self.device)
-        self.next_step = torch.full((), global_step, dtype=torch.long, device=self.device)
-        self.steps, self.images, self.t0 = 0, 0, time.perf_counter()
-
-    def add(self, loss: torch.Tensor, images: int) -> None:
-        self.loss_sum = self.loss_sum + loss.float()
-        self.bad_step = torch.where(~torch.isfinite(loss) & (self.bad_step < 0), self.next_step,
-                                    self.bad_step)
-        self.next_step = self.next_step + 1
-        self.steps += 1
-        self.images += images
-
-    def reduce(self, signalled: bool) -> tuple[float, bool, bool]:
-        """(mean loss over ranks and steps, any rank non-finite, any rank signalled): one all-reduce."""
-        flags = torch.stack([self.loss_sum, (self.bad_step >= 0).float(),
-                             torch.tensor(float(signalled), device=self.device)])
-        loss_sum, bad, sig = all_reduce_sum(flags).tolist()  # host sync: log points only
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        return loss_sum / world / max(self.steps, 1), bad > 0, sig > 0
-
-    def first_bad_step(self) -> int:
-        steps = [s for s in gather_objects(int(self.bad_step.item())) if s >= 0]
-        return min(steps) if steps else -1
-
-    def elapsed(self) -> float:
-        return max(time.perf_counter() - self.t0, 1e-9)
 
 
 def run(cfg: Config) -> int:

@@ -49,7 +49,7 @@ from PIL import Image
 
 from .bad_files import BadFiles, unreadable
 from .folder import DataError, Split
-from .plan import ResumableTrainLoader, TrainPlan, ValPlan, derive_seed
+from .plan import ResumableTrainLoader, Stream, TrainPlan, ValPlan, seed_of
 from .transforms import Preprocess
 
 log = logging.getLogger(__name__)
@@ -449,7 +449,7 @@ class DaliTrainLoader(ResumableTrainLoader):
         with open(self._file_list, "w") as f:  # read by the reader when the pipeline is built
             f.writelines(f"{self.samples[i][0]} {self.samples[i][1]}\n"
                          for i in map(self._readable_index, indices))
-        seed = derive_seed(self.plan.seed, epoch, self.plan.rank, origin)
+        seed = seed_of(Stream.DALI, self.plan.seed, epoch, self.plan.rank, origin)
         if not dali_internals_verified():  # public path: a fresh trace restores the checkpoint
             pipe = _train_pipeline(self._d, self.pre, self._ra, self._file_list, b, seed, checkpoint)
         elif self._graph is None:

@@ -7,9 +7,22 @@ so its copies land on different ranks), truncated to `steps * batch_size * world
 dealt round-robin by *global* rank: every rank runs the same number of steps and the images left
 over differ from epoch to epoch. Validation deals all images round-robin and pads each rank to the
 same length with samples whose target is -1, which the evaluator ignores: each image counts once.
+
+Exact resume, one mechanism per kind of randomness, each a pure function of where the run is (so a
+checkpoint needs no RNG state, and holds none):
+- the sample order: a permutation drawn from (seed, epoch);
+- torch, numpy and `random` in the training process (mixup/cutmix, dropout, drop path): reseeded
+  from (seed, rank, global step) before every optimizer step (`engine.seed_step`);
+- the torch loader's augmentation: each sample seeded from (seed, epoch, its global position)
+  (`TrainPlan.rank_seeds`), whichever worker decodes it;
+- DALI: its operators keep their own random state and its pipeline reads batches ahead, so a seed
+  alone cannot restart an epoch mid-way; the loader's state carries DALI's pipeline checkpoint
+  (dali_backend.py). Each epoch's pipeline is seeded from (seed, epoch, rank).
+Every stream is keyed by a `Stream` tag first, so no two share numbers.
 """
 from __future__ import annotations
 
+import enum
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -18,25 +31,25 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+class Stream(enum.IntEnum):
+    """The first word of every random stream's key, so that no two streams share numbers."""
+
+    ORDER = 1  # the epoch's sample order: (seed, epoch)
+    SAMPLE = 2  # per-sample augmentation seeds of the torch loader: (seed, epoch) + position
+    STEP = 3  # torch, numpy and `random`, reseeded before every optimizer step: (seed, rank, step)
+    DALI = 4  # a DALI train pipeline: (seed, epoch, rank, first step it reads)
+    SYNTHETIC = 5  # the fixed batches of data.source=synthetic
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser (Steele et al. 2014): a bijective 64-bit mix, vectorised."""
-    with np.errstate(over="ignore"):
-        x = x.astype(np.uint64)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
+def rng(stream: Stream, *key: int) -> np.random.Generator:
+    """numpy's PCG64 seeded through SeedSequence from (stream, *key): distinct keys give
+    independent streams. Negative integers are taken modulo 2**64."""
+    return np.random.default_rng([int(stream), *(int(k) % 2**64 for k in key)])
 
 
-def derive_seed(*parts: int) -> int:
-    """A 31-bit seed mixed from integers (any sign), e.g. (seed, epoch, rank)."""
-    h = np.array([0x9E3779B97F4A7C15], dtype=np.uint64)
-    for p in parts:
-        with np.errstate(over="ignore"):
-            h = _splitmix64(h ^ np.array([int(p) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
-    return int(h[0] & np.uint64(0x7FFFFFFF))
+def seed_of(stream: Stream, *key: int) -> int:
+    """One 31-bit seed from (stream, *key), small enough for every seeding API (numpy's, DALI's)."""
+    return int(rng(stream, *key).integers(2**31))
 
 
 @dataclass(frozen=True)
@@ -55,8 +68,7 @@ class TrainPlan:
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Sample indices of the whole epoch in global position order (all ranks)."""
-        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch & 0xFFFFFFFF, 0x7E5])
-        order = rng.permutation(self.num_samples)
+        order = rng(Stream.ORDER, self.seed, epoch).permutation(self.num_samples)
         if self.repeats > 1:
             order = np.repeat(order, self.repeats)
         return order[: self.steps * self.batch_size * self.world_size]
@@ -66,14 +78,12 @@ class TrainPlan:
         return self.epoch_order(epoch)[self.rank:: self.world_size]
 
     def rank_seeds(self, epoch: int) -> np.ndarray:
-        """Per-sample augmentation seeds from (seed, epoch, global position): independent of
-        workers, prefetching and where a run was resumed."""
-        positions = np.arange(self.rank, self.steps * self.batch_size * self.world_size,
-                              self.world_size, dtype=np.uint64)
-        base = np.uint64(derive_seed(self.seed, epoch, 0xA06))
-        with np.errstate(over="ignore"):
-            return (_splitmix64(positions + base * np.uint64(0x100000001B3)) >> np.uint64(33)).astype(
-                np.int64)
+        """Per-sample augmentation seeds (32-bit): the epoch's global positions take consecutive
+        draws of one stream keyed by (seed, epoch), so a sample's seed depends on its position
+        alone, not on workers, prefetching, the rank or where a run was resumed."""
+        total = self.steps * self.batch_size * self.world_size
+        seeds = rng(Stream.SAMPLE, self.seed, epoch).integers(2**32, size=total, dtype=np.uint32)
+        return seeds[self.rank:: self.world_size].astype(np.int64)
 
     def identity(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "rank"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .plan import ResumableTrainLoader, TrainPlan, ValPlan, derive_seed
+from .plan import ResumableTrainLoader, Stream, TrainPlan, ValPlan, seed_of
 from .transforms import Normalize, Preprocess
 
 
@@ -22,7 +22,7 @@ class SyntheticTrainLoader(ResumableTrainLoader):
     def __init__(self, plan: TrainPlan, num_classes: int, pre: Preprocess, device: torch.device):
         super().__init__(plan, [str(i) for i in range(num_classes)], [])
         self._batch = _random_batch(plan.batch_size, pre.img_size, num_classes, pre, device,
-                                    derive_seed(plan.seed, plan.rank, 1))
+                                    seed_of(Stream.SYNTHETIC, plan.seed, plan.rank, 0))
 
     def _batches(self, epoch: int, start_step: int):
         for _ in range(start_step, len(self)):
@@ -34,7 +34,7 @@ class SyntheticValLoader:
         self.plan, self.num_images, self.skipped = plan, plan.num_samples, []
         self.classes = [str(i) for i in range(num_classes)]
         self._images, targets = _random_batch(plan.batch_size, pre.val_img_size, num_classes, pre,
-                                              device, derive_seed(plan.rank, 2))
+                                              device, seed_of(Stream.SYNTHETIC, 0, plan.rank, 1))
         _, pad = plan.rank_indices()
         pad = torch.as_tensor(pad, device=device)
         self._targets = [torch.where(pad[k:k + plan.batch_size], -1, targets[:len(pad[k:k + plan.batch_size])])
