@@ -49,7 +49,8 @@ def upscale_folder(src: Path, dest: Path, count: int, size: tuple[int, int]) -> 
 def bench(backend: str, split, args, device: torch.device) -> dict:
     from types import SimpleNamespace
     data_cfg = SimpleNamespace(img_size=args.img_size, val_img_size=0, crop_pct=0.0, scale=[0.08, 1.0],
-                               hflip=0.5, randaugment=args.randaugment)
+                               hflip=0.5, randaugment=args.randaugment, train_interpolation="",
+                               autoaugment="", color_jitter=0.0)
     pre = Preprocess.from_config(data_cfg, TRESNET)
     plan = TrainPlan(len(split.samples), args.batch_size, 1, 0, seed=0)
     if plan.steps == 0:

@@ -30,7 +30,8 @@ from tresnet_train.data import Preprocess
 from tresnet_train.data import folder as folder_mod
 from tresnet_train.data.build import build_val_loader
 from tresnet_train.data.digits import build_digits
-from tresnet_train.data.dali_backend import dali_available, parse_randaugment
+from tresnet_train.data.dali_augment import RandAugmentSpec, parse_randaugment
+from tresnet_train.data.dali_backend import dali_available
 from tresnet_train.data.plan import TrainPlan, ValPlan
 from tresnet_train.distributed import World
 
@@ -494,11 +495,15 @@ def test_randaugment_posterize_at_full_magnitude_works_with_current_pillow():
     assert out.size == (40, 30) and out.getextrema() == ((0, 0),) * 3
 
 
-def test_randaugment_spec_maps_to_dali():
-    assert parse_randaugment("rand-m9-mstd0.5-inc1") == {"n": 2, "m": 9, "monotonic_mag": True}
-    assert parse_randaugment("rand-n3-m7") == {"n": 3, "m": 7, "monotonic_mag": False}
-    with pytest.raises(DataError):
-        parse_randaugment("augmix-m5")
+def test_randaugment_spec_is_parsed_as_timm_parses_it():
+    assert parse_randaugment("rand-m9-mstd0.5-inc1") == RandAugmentSpec(
+        magnitude=9, num_ops=2, prob=0.5, magnitude_std=0.5, increasing=True)
+    assert parse_randaugment("rand-n3-m7-p0.3-mmax0") == RandAugmentSpec(
+        magnitude=7, num_ops=3, prob=0.3, magnitude_max=10)  # timm: mmax0 -> 10
+    assert parse_randaugment("rand-m9-mstd101").magnitude_std == float("inf")  # uniform [0, m]
+    for bad in ("augmix-m5", "rand-m9-tweights", "rand-mx"):
+        with pytest.raises(DataError):
+            parse_randaugment(bad)
 
 
 # ---- GPU ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ a GPU the same pipeline runs with `device_id=None` and CPU operators (DALI refus
 and a default device_id of 0 there).
 
 Train: fused decode + random-resized-crop (only the crop's part of the JPEG is decoded), resize,
-optional RandAugment (DALI's `auto_aug.rand_augment`, mapped from timm's spec) or AutoAugment (DALI's
+optional RandAugment (timm's, rebuilt from DALI operators in `dali_augment.py`) or AutoAugment (DALI's
 `auto_augment_image_net`, the paper's ImageNet policy as timm's `original`), optional colour jitter
 (`color_twist`: torchvision's factor ranges, applied in DALI's one fixed order where torchvision
 shuffles the order per image), flip and normalise.
@@ -35,7 +35,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
 import shutil
 import tempfile
 import warnings
@@ -48,6 +47,7 @@ import torch
 from PIL import Image
 
 from .bad_files import BadFiles, unreadable
+from .dali_augment import Context, RandAugmentSpec, parse_randaugment, rand_augment
 from .folder import DataError, Split
 from .plan import ResumableTrainLoader, Stream, TrainPlan, ValPlan, seed_of
 from .transforms import Preprocess
@@ -124,37 +124,6 @@ def _train_interp(d: "_Dali", name: str):
     return d.fn.cast(choice, dtype=d.types.INTERP_TYPE)
 
 
-def parse_randaugment(spec: str) -> dict:
-    """timm's `rand-m9-n2-mstd0.5-inc1` -> DALI rand_augment arguments.
-
-    m (0..10 in timm) maps to bin m of 11 magnitude bins; inc1 (timm's increasing-severity ops) is
-    DALI's monotonic_mag=True. DALI has no magnitude noise (mstd) nor op weights: those are
-    ignored with a warning.
-    """
-    parts = spec.split("-")
-    if parts[0] != "rand":
-        raise DataError(f"data.randaugment={spec!r}: expected a timm RandAugment spec starting "
-                        f"with 'rand', e.g. rand-m9-mstd0.5-inc1")
-    args = {"n": 2, "m": 10, "monotonic_mag": False}
-    ignored = []
-    for part in parts[1:]:
-        key, value = re.match(r"([a-z]+)(.*)", part).groups()
-        if key == "m":
-            args["m"] = int(round(float(value)))
-        elif key == "n":
-            args["n"] = int(value)
-        elif key == "inc":
-            args["monotonic_mag"] = bool(int(value))
-        else:
-            ignored.append(part)
-    if not 0 <= args["m"] <= 10:
-        raise DataError(f"data.randaugment={spec!r}: magnitude m must be within 0..10 for DALI")
-    if ignored:
-        log.warning("DALI RandAugment ignores %s of data.randaugment=%s (no DALI equivalent)",
-                    ", ".join(ignored), spec)
-    return args
-
-
 def _pixels(path: str) -> int:
     """Width x height from the image header (PIL reads no pixel data); 0 if it cannot be read."""
     try:
@@ -221,10 +190,10 @@ class _Dali:
         import nvidia.dali.fn as fn
         import nvidia.dali.types as types
         from nvidia.dali import pipeline_def
-        from nvidia.dali.auto_aug import auto_augment, rand_augment
+        from nvidia.dali.auto_aug import auto_augment
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
         self.fn, self.types, self.pipeline_def = fn, types, pipeline_def
-        self.rand_augment, self.auto_augment = rand_augment, auto_augment
+        self.auto_augment = auto_augment
         self.Iterator, self.LastBatchPolicy = DALIGenericIterator, LastBatchPolicy
         self.gpu = device.type == "cuda"
         self.device = device
@@ -254,8 +223,8 @@ class _Dali:
             mean=[255.0 * m for m in pre.mean], std=[255.0 * s for s in pre.std], **extra)
 
 
-def _train_pipeline(d: _Dali, pre: Preprocess, ra: dict | None, file_list: str, batch_size: int,
-                    seed: int, checkpoint: bytes | None = None):
+def _train_pipeline(d: _Dali, pre: Preprocess, ra: RandAugmentSpec | None, file_list: str,
+                    batch_size: int, seed: int, checkpoint: bytes | None = None):
     """Trace and build the train pipeline; it reads `file_list` ("path label" lines) and restores
     `checkpoint` when given."""
     fn, types = d.fn, d.types
@@ -270,10 +239,8 @@ def _train_pipeline(d: _Dali, pre: Preprocess, ra: dict | None, file_list: str, 
         images = fn.resize(images, size=[pre.img_size, pre.img_size], antialias=True,
                            interp_type=_train_interp(d, pre.train_interpolation or pre.interpolation))
         if ra is not None:
-            images = d.rand_augment.rand_augment(
-                images, n=ra["n"], m=ra["m"], num_magnitude_bins=11,
-                monotonic_mag=ra["monotonic_mag"], max_translate_abs=int(0.45 * pre.img_size),
-                fill_value=min(255, round(255 * sum(pre.mean) / 3)))
+            images = rand_augment(images, Context.create((pre.img_size, pre.img_size), pre.fill),
+                                  ra)
         elif pre.autoaugment:  # "original": the AutoAugment paper's ImageNet policy
             images = d.auto_augment.auto_augment_image_net(
                 images, max_translate_abs=int(0.45 * pre.img_size),

@@ -49,6 +49,12 @@ class Preprocess:
                              f"{', '.join(VAL_RESIZE_MODES)}")
 
     @property
+    def fill(self) -> tuple[int, int, int]:
+        """timm's `img_mean` hparam: the 0..255 colour that RandAugment's and AutoAugment's
+        rotations, shears and translations fill the uncovered area with (the mean pixel)."""
+        return tuple(min(255, round(255 * m)) for m in self.mean)
+
+    @property
     def val_resize(self) -> int:
         """Shorter side after the eval resize, pixels: floor(img_size / crop_pct) before the center
         crop (crop, timm's rounding), img_size (squash: both sides, nothing cropped)."""
@@ -128,7 +134,7 @@ def train_transform(pre: Preprocess) -> T.Compose:
     tfs = [crop, T.RandomHorizontalFlip(pre.hflip)]
     # timm's create_transform hyper-parameters; random: its ops pick bilinear or bicubic per image
     hparams = {"translate_const": int(pre.img_size * 0.45),
-               "img_mean": tuple(min(255, round(255 * m)) for m in pre.mean)}
+               "img_mean": pre.fill}
     if interp != "random":
         hparams["interpolation"] = F.pil_modes_mapping[_INTERP[interp]]
     if pre.randaugment:
