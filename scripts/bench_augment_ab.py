@@ -35,7 +35,7 @@ def run(backend: str, seed: int, args) -> dict:
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT)
     summary = json.loads((out / "summary.json").read_text())
-    return {"backend": backend, "seed": seed, "top1": summary["final"]["top1"],
+    return {"backend": backend, "seed": seed, "top1": summary["final"]["model_top1"],
             "wall_s": round(time.perf_counter() - start, 1), "train_wall_s": summary["wall_time_s"]}
 
 
