@@ -56,18 +56,20 @@ def photos() -> list[np.ndarray]:
 
 
 # ---- RandAugment ----------------------------------------------------------------------------------
-def dali_rand_augment(photos, spec_str: str, fill=(0, 0, 0), runs: int = RUNS):
-    """DALI: per draw (image index, ops chosen per layer, applied per layer, output)."""
+def dali_rand_augment(photos, spec_str: str, fill=(0, 0, 0), runs: int = RUNS, gpu: bool = False):
+    """DALI: per draw (image index, ops chosen per layer, applied per layer, output); `gpu` runs
+    the ops on the GPU (pixels there, per-image parameters drawn on the CPU, as in training)."""
     from nvidia.dali import pipeline_def
     from tresnet_train.data.dali_augment import Context, apply_layer, draw_layer, parse_randaugment
     spec = parse_randaugment(spec_str)
     names = spec.op_names
 
-    @pipeline_def(enable_conditionals=True, batch_size=len(photos), num_threads=2, device_id=None,
-                  seed=1234)
+    @pipeline_def(enable_conditionals=True, batch_size=len(photos), num_threads=2,
+                  device_id=0 if gpu else None, seed=1234)
     def pipeline():
         import nvidia.dali.fn as fn
-        images = fn.external_source(source=lambda: photos, layout="HWC", batch=True)
+        images = fn.external_source(source=lambda: photos, layout="HWC", batch=True,
+                                    device="gpu" if gpu else "cpu")
         ctx = Context.create((SIZE, SIZE), fill)
         ops, applied = [], []
         for _ in range(spec.num_ops):
@@ -81,7 +83,7 @@ def dali_rand_augment(photos, spec_str: str, fill=(0, 0, 0), runs: int = RUNS):
     pipe.build()
     draws = []
     for _ in range(runs):
-        out = pipe.run()
+        out = [o.as_cpu() if hasattr(o, "as_cpu") else o for o in pipe.run()]
         n = spec.num_ops
         for i in range(len(photos)):
             draws.append((i, [names[int(np.array(o[i]))] for o in out[1:1 + n]],
@@ -150,6 +152,19 @@ def test_each_op_changes_pixels_as_timm_does(photos, spec):
     single = f"{spec}-n1-p1.0"
     failures = _check_per_op(dali_rand_augment(photos, single), timm_rand_augment(photos, single),
                              photos, parse_randaugment(single).op_names)
+    assert not failures, failures
+
+
+@needs_dali
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_each_op_on_the_gpu_changes_pixels_as_timm_does(photos):
+    """The same ops with the pixels on the GPU (the `mixed` training pipeline's placement)."""
+    from tresnet_train.data.dali_augment import parse_randaugment
+    single = "rand-m9-mstd0.5-inc1-n1-p1.0"
+    failures = _check_per_op(dali_rand_augment(photos, single, gpu=True),
+                             timm_rand_augment(photos, single), photos,
+                             parse_randaugment(single).op_names)
     assert not failures, failures
 
 
