@@ -142,7 +142,7 @@ DEVICES = ("auto", "cuda", "cpu")  # run.device
 class RunConfig:
     output_dir: str = "runs/default"  # run folder: config, checkpoints, logs, TensorBoard
     resume: str = "auto"  # auto (newest valid checkpoint in output_dir) | <path> | none
-    seed: int = 0  # every random stream derives from (seed, rank, step)
+    seed: int = 0  # every random stream derives from it: see data/plan.py
     device: str = "auto"  # auto | cuda | cpu
     keep_top_k: int = 3  # checkpoints kept by validation top-1, besides last and best
     ckpt_every_steps: int = 0  # also checkpoint every N optimizer steps mid-epoch (0 = epoch ends only)
