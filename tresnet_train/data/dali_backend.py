@@ -396,8 +396,8 @@ class DaliTrainLoader(ResumableTrainLoader):
         self.threads, self.padding = self._d.threads, self._d.padding  # for the start-up line
         self._ra = parse_randaugment(pre.randaugment) if pre.randaugment else None
         if self._ra is not None and not self._d.gpu:
-            log.warning("DALI's RandAugment on CPU is slower than timm's (2 cores, 224 px: ~275 vs "
-                        "~475 img/s, scripts/bench_loader.py); data.backend=torch may be faster here")
+            log.warning("DALI's RandAugment on CPU is slower than torchvision's (compare both with "
+                        "scripts/bench_loader.py); data.backend=torch may be faster here")
         if any("\n" in path for path, _ in self.samples):
             raise DataError("DALI's file list cannot hold a file name with a newline; rename it or "
                             "use data.backend=torch")
