@@ -243,6 +243,15 @@ def test_grad_checkpointing_changes_no_output_gradient_or_running_statistic(name
         assert torch.equal(plain.eval()(x), ckpt.eval()(x))
 
 
+def test_config_key_turns_grad_checkpointing_on():
+    from tresnet_train.config import load_config
+    from tresnet_train.trainer import build_model
+    for value in ("false", "true"):
+        cfg = load_config(overrides=["data.source=synthetic", "model.name=tresnet_tiny",
+                                     "model.num_classes=10", f"model.grad_checkpointing={value}"])
+        assert build_model(cfg, torch.device("cpu")).grad_checkpointing is (value == "true")
+
+
 # --- TResNet as the paper and the official code define it -----------------------------------------
 
 def _slope(conv: ConvNormAct):
