@@ -266,7 +266,7 @@ def _slope(conv: ConvNormAct):
 ])
 def test_tresnet_structure(name, layers, width, v2):
     body = fresh_model(name).body
-    assert body.s2d.block_size == 4
+    assert body.s2d.bs == 4  # timm.layers.SpaceToDepth
     assert body.conv1.conv.in_channels == 48 and body.conv1.conv.kernel_size == (3, 3)
     assert body.conv1.conv.out_channels == width and _slope(body.conv1) == 1e-2
     for i, n_blocks in enumerate(layers):
