@@ -4,6 +4,7 @@
     python scripts/bench_memory.py --models tresnet_m --norms iabn --by-layer   # the 15 layers keeping most
     python scripts/bench_memory.py --max-batch-from benchmarks/<gpu run>.json   # predicted vs measured
     python scripts/bench_memory.py --models tresnet_tiny --sizes 64 --precisions fp32   # smoke
+    python scripts/bench_memory.py --peak-step 4 --models tresnet_xl --sizes 448 --norms iabn --precisions fp32
 
 For each model, input size, norm (ours: InPlace-ABN or BatchNorm + LeakyReLU) and gradient checkpointing
 (where the model has `set_grad_checkpointing`), one training forward plus the loss runs under
@@ -21,8 +22,14 @@ prediction (an upper bound: it leaves out the gradient buffers alive during back
 fragmentation and the CUDA context), not a measurement. `--max-batch-from` compares it with the largest
 batch scripts/benchmark.py measured on a GPU. The models are scripts/benchmark.py's, plus ResNeSt-50d.
 
-Output: <out-dir>/<date>-<device>-memory[-<tag>].json and .md with the command, versions and the target
-ratio (TResNet-M with InPlace-ABN over ResNet50, bytes per image, fp32 and bf16 autocast).
+`--peak-step BATCH` measures instead what one whole training step (forward, loss, backward, SGD step)
+costs the process: each setting runs in a fresh process, which reports the bytes saved for backward
+and its resident memory (RSS) before the step and at the step's peak (VmHWM, reset before the step;
+it covers activations, gradients, optimizer state and the allocator's overhead on the CPU).
+
+Output: <out-dir>/<date>-<device>-memory[-<tag>].json and .md (peak step: -peak-step), with the command,
+versions and the target ratio (TResNet-M with InPlace-ABN over ResNet50, bytes per image, fp32 and bf16
+autocast), written again after each model so a long run leaves what it measured.
 """
 from __future__ import annotations
 
@@ -31,7 +38,9 @@ import collections
 import json
 import math
 import shlex
+import subprocess
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -70,10 +79,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="scripts/benchmark.py results with measured max batches to compare against")
     p.add_argument("--out-dir", default="benchmarks", help="where the .json and .md go")
     p.add_argument("--tag", default="", help="suffix of the output file names")
+    p.add_argument("--peak-step", type=int, default=0, metavar="BATCH",
+                   help="instead: saved bytes and peak RSS of one training step at this batch, each "
+                        "setting in a fresh process")
+    p.add_argument("--peak-child", help=argparse.SUPPRESS)  # one --peak-step setting, as JSON
     args = p.parse_args(argv)
     args.batches = sorted(int(b) for b in args.batches.split(","))
-    if len(args.batches) != 2 or args.batches[0] < 1 or args.batches[0] == args.batches[1]:
-        p.error(f"--batches {args.batches}: give two different positive batch sizes, e.g. 2,4")
+    # Training-mode BatchNorm needs two values per channel: ResNeSt's attention norm sees (N, C, 1, 1).
+    if len(args.batches) != 2 or args.batches[0] < 2 or args.batches[0] == args.batches[1]:
+        p.error(f"--batches {args.batches}: give two different batch sizes of at least 2, e.g. 2,4")
+    if args.peak_step == 1:
+        p.error("--peak-step 1: give a batch of at least 2 (training-mode BatchNorm needs 2 images)")
     for p_ in args.precisions.split(","):
         if p_ not in ("fp32", "bf16"):
             p.error(f"--precisions: {p_!r} is not fp32 or bf16")
@@ -159,6 +175,14 @@ class SavedTensorCounter:
 def saved_for_backward(model: nn.Module, batch: int, size: int, precision: str, args,
                        device: torch.device) -> SavedTensorCounter:
     """Count what one training forward and the loss keep for backward (the graph is then freed)."""
+    counter, loss = counted_forward(model, batch, size, precision, args, device)
+    del loss
+    return counter
+
+
+def counted_forward(model: nn.Module, batch: int, size: int, precision: str, args,
+                    device: torch.device) -> tuple[SavedTensorCounter, torch.Tensor]:
+    """One training forward and the loss on a random batch, counting what they keep for backward."""
     g = torch.Generator(device=device).manual_seed(batch)
     x = torch.rand(batch, 3, size, size, device=device, generator=g)
     y = torch.randint(0, args.num_classes, (batch,), device=device, generator=g)
@@ -172,8 +196,74 @@ def saved_for_backward(model: nn.Module, batch: int, size: int, precision: str, 
             loss = criterion(model(x), y)
     finally:
         _set_timm_reentrant(reentrant)
-    del loss
-    return counter
+    return counter, loss
+
+
+def proc_status_bytes(key: str) -> int:
+    """A memory line of /proc/self/status (Linux), e.g. VmRSS (resident now), VmHWM (peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"no {key} in /proc/self/status: --peak-step needs Linux")
+
+
+def reset_peak_rss() -> None:
+    """Start VmHWM afresh from the current RSS, so the peak is the step's, not the imports' or the
+    model build's (Linux >= 4.0: writing 5 to clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_step_child(spec: dict, args) -> dict:
+    """One training step of one setting in this (fresh) process: saved bytes, RSS before and at peak."""
+    device = torch.device(args.device)
+    model = build(spec, args, device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    reset_peak_rss()
+    before = proc_status_bytes("VmRSS")  # libraries, weights; no gradients or optimizer state yet
+    start = time.perf_counter()
+    counter, loss = counted_forward(model, spec["batch"], spec["size"], spec["precision"], args, device)
+    loss.backward()
+    opt.step()
+    peak = proc_status_bytes("VmHWM")
+    return {**spec, "saved_bytes": counter.total(), "rss_before_step_bytes": before,
+            "peak_rss_bytes": peak, "step_seconds": time.perf_counter() - start}
+
+
+def peak_steps(args, report: dict, write) -> None:
+    """Run peak_step_child for every setting, each in a fresh process (a peak RSS never goes down)."""
+    script = str(Path(__file__).resolve())
+    for row in rows(args):
+        for precision in args.precisions.split(","):
+            spec = {**row, "precision": precision, "batch": args.peak_step}
+            child = subprocess.run([sys.executable, script, "--peak-child", json.dumps(spec),
+                                    "--device", args.device, "--num-classes", str(args.num_classes)],
+                                   capture_output=True, text=True)
+            if child.returncode != 0:
+                raise SystemExit(f"--peak-step {spec} failed:\n{child.stderr}")
+            r = json.loads(child.stdout.splitlines()[-1])
+            report["results"].append(r)
+            print(f"{label(r):<45} @{r['size']:<4} {precision} batch {r['batch']}: saved "
+                  f"{r['saved_bytes'] / MIB:8.1f} MiB, RSS {r['rss_before_step_bytes'] / MIB:8.1f} MiB "
+                  f"before the step, peak {r['peak_rss_bytes'] / MIB:8.1f} MiB "
+                  f"({r['step_seconds']:.0f} s)", flush=True)
+            write()
+
+
+def peak_markdown(report: dict) -> str:
+    env = report["env"]
+    lines = [f"# Peak memory of one training step ({env['date'][:10]}, on {env['device']})", "",
+             f"torch {env['torch']}, timm {env['timm']}, InPlace-ABN {env.get('inplace_abn') or 'not installed'}, "
+             f"commit {env.get('git_commit') or '?'}.", "", f"Command (repository root): `{report['command']}`", "",
+             "Each row is a fresh process: one forward, loss, backward and SGD-Nesterov step on a random "
+             "batch. Saved: bytes kept for backward (as in the per-image report). RSS before: the process "
+             "with the model built, before the step. Peak: the process's peak RSS during the step (VmHWM).", "",
+             "| model | size | precision | batch | saved MiB | RSS before MiB | peak RSS MiB | peak - before MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        lines.append(f"| {label(r)} | {r['size']} | {r['precision']} | {r['batch']} | {_mib(r['saved_bytes'])} | "
+                     f"{_mib(r['rss_before_step_bytes'])} | {_mib(r['peak_rss_bytes'])} | "
+                     f"{_mib(r['peak_rss_bytes'] - r['rss_before_step_bytes'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def _set_timm_reentrant(enable: bool) -> bool:
@@ -339,10 +429,28 @@ def to_markdown(report: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.peak_child:
+        print(json.dumps(peak_step_child(json.loads(args.peak_child), args)))
+        return 0
     device = torch.device(args.device)
     env = environment(device)
     report = {"schema": SCHEMA, "command": args.command, "env": env, "batches": args.batches,
               "gpu_gib": list(GPU_GIB), "results": []}
+    stem = f"{env['date'][:10]}-{device_slug(env)}-memory" + ("-peak-step" if args.peak_step else "") \
+        + (f"-{args.tag}" if args.tag else "")
+    out = Path(args.out_dir) if Path(args.out_dir).is_absolute() else Path.cwd() / args.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+        (out / f"{stem}.md").write_text(peak_markdown(report) if args.peak_step else to_markdown(report))
+
+    if args.peak_step:
+        report["peak_step_batch"] = args.peak_step
+        peak_steps(args, report, write)
+        print(f"wrote {out / stem}.json and .md")
+        return 0
+    report["targets"], report["max_batch_comparison"] = [], []
     for row in rows(args):
         r = measure(row, args, device)
         report["results"].append(r)
@@ -353,16 +461,13 @@ def main(argv=None) -> int:
             if args.by_layer:
                 for n, v in m["top_layers_per_image_bytes"]:
                     print(f"    {v / MIB:8.3f} MiB/image  {n}")
-    report["targets"] = compute_targets(report, args)
+        report["targets"] = compute_targets(report, args)
+        write()
     report["max_batch_comparison"] = compare_max_batch(report, args.max_batch_from)
+    write()
     for t in report["targets"]:
         ratio = "–" if t["ratio"] is None else f"{t['ratio']:.3f}"
         print(f"target {t['target']}: {ratio} (goal {t['goal']}): {t['status']}")
-    stem = f"{env['date'][:10]}-{device_slug(env)}-memory" + (f"-{args.tag}" if args.tag else "")
-    out = Path(args.out_dir) if Path(args.out_dir).is_absolute() else Path.cwd() / args.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    (out / f"{stem}.md").write_text(to_markdown(report))
     print(f"wrote {out / stem}.json and .md")
     return 0
 

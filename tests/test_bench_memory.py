@@ -77,7 +77,10 @@ def test_report_targets_predictions_and_max_batch_comparison(tmp_path):
     report = json.loads(json_path.read_text())
     rows = {(r["model"], r["norm"], r["checkpointing"]): r for r in report["results"]}
     assert ("timm/resnet18", "bn", True) in rows  # timm's ResNet has gradient checkpointing
-    assert ("tresnet_tiny", "bn", True) not in rows
+    for precision in ("fp32", "bf16"):  # so has ours: it keeps only each block's input
+        ours_ckpt, ours = (rows[("tresnet_tiny", "bn", c)]["precisions"][precision]["per_image_bytes"]
+                           for c in (True, False))
+        assert 0 < ours_ckpt < 0.5 * ours
     plain, ckpt = rows[("timm/resnet18", "bn", False)], rows[("timm/resnet18", "bn", True)]
     for precision in ("fp32", "bf16"):
         m = plain["precisions"][precision]
@@ -97,3 +100,23 @@ def test_report_targets_predictions_and_max_batch_comparison(tmp_path):
         assert cmp["measured_over_predicted"] == pytest.approx(1000 / cmp["predicted_max_batch"])
     md = json_path.with_suffix(".md").read_text()
     assert "scripts/bench_memory.py --models tresnet_tiny" in md and "| timm/resnet18 + checkpointing |" in md
+
+
+def test_peak_step_runs_each_setting_in_a_fresh_process(tmp_path):
+    """One training step per setting, each with its own peak RSS: checkpointing keeps less for backward."""
+    bm = load_script()
+    assert bm.main(["--peak-step", "2", "--models", "tresnet_tiny", "--norms", "bn", "--sizes", "64",
+                    "--precisions", "fp32", "--out-dir", str(tmp_path)]) == 0
+    (json_path,) = tmp_path.glob("*-cpu-memory-peak-step.json")
+    report = json.loads(json_path.read_text())
+    plain, ckpt = sorted(report["results"], key=lambda r: r["checkpointing"])
+    assert (plain["checkpointing"], ckpt["checkpointing"]) == (False, True)
+    assert 0 < ckpt["saved_bytes"] < plain["saved_bytes"]
+    assert all(r["peak_rss_bytes"] >= r["rss_before_step_bytes"] > 0 for r in (plain, ckpt))
+    assert "| tresnet_tiny (BatchNorm) + checkpointing | 64 | fp32 | 2 |" in json_path.with_suffix(".md").read_text()
+
+
+def test_batches_below_two_are_refused():
+    bm = load_script()
+    with pytest.raises(SystemExit):
+        bm.parse_args(["--batches", "1,2"])

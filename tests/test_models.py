@@ -16,8 +16,9 @@ from torch import nn
 
 from tresnet_train.models import (UnknownModelError, create_model, get_data_config,
                                   init_non_persistent_buffers, is_known_model, list_models)
-from tresnet_train.models.layers import (BlurPool2d, ConvNormAct, DropPath, SqueezeExcite,
-                                         inplace_abn_available, resolve_norm_layer)
+from timm.layers import DropPath
+from tresnet_train.models.layers import (BlurPool2d, ConvNormAct, SqueezeExcite, inplace_abn_available,
+                                         resolve_norm_layer)
 from tresnet_train.models.resnest import ResNestBottleneck
 from tresnet_train.models.tresnet import BasicBlock, Bottleneck
 
@@ -194,7 +195,7 @@ def test_gradients_match_timm_with_same_weights(randomize_norms):
 def test_drop_path_rises_linearly_over_blocks(name, randomize_norms):
     model = randomize_norms(create_model(name, norm="bn", drop_path_rate=0.3))
     blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck, ResNestBottleneck))]
-    rates = [b.drop_path.rate if isinstance(b.drop_path, DropPath) else 0.0 for b in blocks]
+    rates = [b.drop_path.drop_prob if isinstance(b.drop_path, DropPath) else 0.0 for b in blocks]
     expected = torch.linspace(0, 0.3, len(blocks)).tolist()
     assert rates == pytest.approx(expected)
     x = torch.rand(4, 3, 32, 32)
@@ -205,6 +206,50 @@ def test_drop_path_rises_linearly_over_blocks(name, randomize_norms):
     a = model(x)
     torch.manual_seed(1)
     assert not torch.allclose(a, model(x))  # random in training
+
+
+# --- gradient checkpointing ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, norm", [
+    ("tresnet_tiny", "bn"), pytest.param("tresnet_tiny", "iabn", marks=needs_iabn), ("resnest50d", "bn")])
+def test_grad_checkpointing_changes_no_output_gradient_or_running_statistic(name, norm, randomize_norms):
+    """One training step with drop path: logits, every gradient, running statistics and batch counts
+    equal bit for bit with and without checkpointing, while every block does run twice (the
+    recomputation must not update the running statistics a second time)."""
+    plain = randomize_norms(create_model(name, norm=norm, drop_path_rate=0.2)).train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing(True)
+    x = torch.rand(2, 3, SMALL, SMALL)
+    out = {}
+    for key, model in (("plain", plain), ("ckpt", ckpt)):
+        blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck, ResNestBottleneck))]
+        calls = []
+        hooks = [b.register_forward_pre_hook(lambda *_: calls.append(1)) for b in blocks]
+        torch.manual_seed(0)
+        y = model(x)
+        y.square().sum().backward()
+        for h in hooks:
+            h.remove()
+        out[key] = y.detach(), len(calls) / len(blocks)
+    assert out["plain"][1] == 1 and out["ckpt"][1] == 2
+    assert torch.equal(out["plain"][0], out["ckpt"][0])
+    grads = dict(ckpt.named_parameters())
+    for pname, p in plain.named_parameters():
+        assert torch.equal(p.grad, grads[pname].grad), pname
+    buffers = dict(ckpt.named_buffers())
+    for bname, b in plain.named_buffers():
+        assert torch.equal(b, buffers[bname]), bname
+    with torch.no_grad():  # eval and no-grad forwards are untouched
+        assert torch.equal(plain.eval()(x), ckpt.eval()(x))
+
+
+def test_config_key_turns_grad_checkpointing_on():
+    from tresnet_train.config import load_config
+    from tresnet_train.trainer import build_model
+    for value in ("false", "true"):
+        cfg = load_config(overrides=["data.source=synthetic", "model.name=tresnet_tiny",
+                                     "model.num_classes=10", f"model.grad_checkpointing={value}"])
+        assert build_model(cfg, torch.device("cpu")).grad_checkpointing is (value == "true")
 
 
 # --- TResNet as the paper and the official code define it -----------------------------------------
@@ -221,7 +266,7 @@ def _slope(conv: ConvNormAct):
 ])
 def test_tresnet_structure(name, layers, width, v2):
     body = fresh_model(name).body
-    assert body.s2d.block_size == 4
+    assert body.s2d.bs == 4  # timm.layers.SpaceToDepth
     assert body.conv1.conv.in_channels == 48 and body.conv1.conv.kernel_size == (3, 3)
     assert body.conv1.conv.out_channels == width and _slope(body.conv1) == 1e-2
     for i, n_blocks in enumerate(layers):

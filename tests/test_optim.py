@@ -1,11 +1,13 @@
-"""Schedules are pure functions of the step; parameter groups are chosen by structure."""
+"""Schedules are pure functions of the step; weight-decay groups are chosen by structure."""
 
 import pytest
 import torch
 import torch.nn as nn
 
 from tresnet_train.config import OptimConfig
-from tresnet_train.optim import build_optimizer, build_schedule, param_groups, scaled_lr
+from tresnet_train.models import create_model
+from tresnet_train.models.layers import inplace_abn_available
+from tresnet_train.optim import build_optimizer, build_schedule, scaled_lr
 
 
 def test_lr_is_per_256_images():
@@ -34,13 +36,34 @@ def test_step_schedule():
     assert [f(s) for s in (0, 19, 20, 29, 30)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
 
 
+def decay_of(optimizer) -> dict[int, float]:
+    return {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+
+
 def test_no_decay_on_1d_parameters_whatever_their_names():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
     model(torch.zeros(1, 3, 5, 5))
-    decay, no_decay = param_groups(model, 0.05)
-    assert {p.ndim for p in decay["params"]} == {2, 4} and decay["weight_decay"] == 0.05
-    assert {p.ndim for p in no_decay["params"]} == {1} and no_decay["weight_decay"] == 0.0
-    assert len(no_decay["params"]) == 4  # bn weight, bn bias, conv bias, linear bias
+    decay = decay_of(build_optimizer(model, OptimConfig(weight_decay=0.05), lr=0.1))
+    assert len(decay) == 6 and sorted(decay.values()) == [0.0] * 4 + [0.05] * 2
+    assert {p.ndim for p in model.parameters() if decay[id(p)] == 0.05} == {2, 4}
+    assert {p.ndim for p in model.parameters() if decay[id(p)] == 0.0} == {1}  # bn weight and bias, biases
+
+
+@pytest.mark.parametrize("name, norm", [
+    ("tresnet_tiny", "bn"), ("resnest50d", "bn"),
+    pytest.param("tresnet_tiny", "iabn", marks=pytest.mark.skipif(
+        not inplace_abn_available(), reason="inplace_abn is not installed"))])
+def test_decay_groups_of_our_models(name, norm):
+    """Decay on conv kernels and the classifier weight only; every norm scale and shift and every bias
+    (SE's and the classifier's) goes without."""
+    model = create_model(name, norm=norm)
+    decay = decay_of(build_optimizer(model, OptimConfig(name="sgd", weight_decay=1e-4), lr=0.1))
+    norms = {id(p) for m in model.modules() if hasattr(m, "running_var") for p in m.parameters()}
+    assert norms
+    for pname, p in model.named_parameters():
+        undecayed = id(p) in norms or pname.endswith(".bias")
+        assert decay[id(p)] == (0.0 if undecayed else 1e-4), pname
+    assert len(decay) == len(list(model.parameters()))
 
 
 @pytest.mark.parametrize("name, cls", [("sgd", "SGD"), ("adamw", "AdamW"), ("lamb", "Lamb")])
@@ -48,9 +71,10 @@ def test_timm_optimizers(name, cls):
     model = nn.Linear(3, 2)
     opt = build_optimizer(model, OptimConfig(name=name), lr=0.5)
     assert type(opt).__name__ == cls
-    assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 1e-4]  # timm's order
+    assert all(g["lr"] == 0.5 for g in opt.param_groups)
     if name == "sgd":
-        assert opt.param_groups[0]["nesterov"] is True
+        assert all(g["nesterov"] is True for g in opt.param_groups)
 
 
 def test_per_epoch_cosine_is_timms_scheduler_with_cool_down():

@@ -54,6 +54,7 @@ class ModelConfig:
     drop_block_rate: float = 0.0  # DropBlock in the last two stages (ResNeSt only), ramped linearly over epochs
     channels_last: bool = False  # NHWC memory format (measure per model: it can be slower)
     compile: bool = False  # torch.compile the model
+    grad_checkpointing: bool = False  # recompute each residual block in backward: less memory, ~1 more forward
     sync_bn: bool = False  # batch statistics over all processes (per process is the published recipes' way)
 
 

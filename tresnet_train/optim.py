@@ -1,8 +1,9 @@
-"""Optimizers (timm's implementations), parameter groups by structure, and LR schedules.
+"""Optimizers and their weight-decay groups (timm's create_optimizer_v2), and LR schedules.
 
-Weight decay is applied to weight matrices and conv kernels only: every parameter with `ndim <= 1`
-(norm scales and shifts, biases) goes to the no-decay group. Choosing by structure rather than by
-name substrings never misses a norm hidden under an unexpected name.
+Weight decay is applied to weight matrices and conv kernels only: timm's filter (`filter_bias_and_bn`)
+puts every parameter with `ndim <= 1` (norm scales and shifts, biases) and those a model lists in
+`no_weight_decay()` in a group with weight decay 0. Choosing by structure rather than by name
+substrings never misses a norm hidden under an unexpected name.
 
 Schedules are pure functions of the global optimizer step: `schedule(step) -> lr`. Nothing but the
 step needs checkpointing, and each can be tested in one line.
@@ -26,27 +27,17 @@ def _timm_name(cfg: OptimConfig) -> str:
     return cfg.name
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed (ndim > 1) and not decayed (ndim <= 1: norms, biases)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
-
-
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     """The config gives lr per 256 images (Goyal et al.); scale linearly with the global batch."""
     return cfg.lr * global_batch / 256
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """timm's optimizer over `param_groups`; after each step it keeps InPlace-ABN scales >= eps."""
+    """timm's optimizer with timm's weight-decay groups: [no decay (ndim <= 1), decay] (the first only
+    when weight decay is 0); after each step it keeps InPlace-ABN scales >= eps."""
     kwargs = {"betas": tuple(cfg.betas)} if cfg.name in ("adamw", "lamb") else {"momentum": cfg.momentum}
-    optimizer = create_optimizer_v2(param_groups(model, cfg.weight_decay),
-                                    opt=_timm_name(cfg), lr=lr,
-                                    weight_decay=cfg.weight_decay, **kwargs)
+    optimizer = create_optimizer_v2(model, opt=_timm_name(cfg), lr=lr, weight_decay=cfg.weight_decay,
+                                    filter_bias_and_bn=True, **kwargs)
     floor = ScaleFloor(model)
     if floor:
         optimizer.register_step_post_hook(floor)

@@ -145,6 +145,8 @@ def build_model(cfg: Config, device: torch.device) -> nn.Module:
             raise ConfigError(f"config key 'model.init_from': {e}") from None
         log.info("initialised weights from %s (%s weights)", cfg.model.init_from,
                  "EMA" if use_ema else "model")
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     return model.to(device=device, memory_format=memory_format)
 

@@ -8,15 +8,16 @@ State-dict keys equal timm's `resnest50d` / `resnest101e`. BatchNorm + ReLU only
 in-place ReLU (its backward must invert the activation). Optional DropBlock (Ghiasi et al. 2018; timm's
 DropBlock2d, block 3) in the last two stages, where the official code puts it: after bn1, after the
 split-attention conv and after bn3 (resnest/gluon/resnet.py); its training ramps the probability
-linearly over the epochs (`set_drop_block`).
+linearly over the epochs (`set_drop_block`). `set_grad_checkpointing()` recomputes each bottleneck
+in backward instead of keeping its activations (the stem is kept), as timm's ResNeSt.
 """
 from __future__ import annotations
 
 import torch
-from timm.layers import DropBlock2d
+from timm.layers import DropBlock2d, DropPath
 from torch import nn
 
-from tresnet_train.models.layers import DropPath, drop_path_rates
+from tresnet_train.models.layers import checkpoint_blocks, drop_path_rates
 from tresnet_train.models.registry import IMAGENET_MEAN, IMAGENET_STD, register_model
 
 RESNEST_DATA_CONFIG = dict(input_size=(3, 224, 224), crop_pct=0.875, interpolation="bilinear",
@@ -132,6 +133,7 @@ class ResNeSt(nn.Module):
         self.num_features = in_chs
         self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.fc = nn.Linear(in_chs, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
         self.init_weights()
 
     @torch.no_grad()
@@ -147,6 +149,11 @@ class ResNeSt(nn.Module):
             if isinstance(m, ResNestBottleneck):
                 m.zero_init_last()
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Keep only each bottleneck's input for backward and recompute the block there
+        (layers.checkpoint_blocks): less memory, about one more forward per step."""
+        self.grad_checkpointing = enable
+
     def get_classifier(self) -> nn.Module:
         return self.fc
 
@@ -159,6 +166,9 @@ class ResNeSt(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))  # (N, 2*stem, H/4, W/4)
+        stages = (self.layer1, self.layer2, self.layer3, self.layer4)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint_blocks([block for stage in stages for block in stage], x)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (N, 2048, H/32, W/32)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -9,6 +9,8 @@ Follows the official code (https://github.com/Alibaba-MIIL/TResNet, src/models/t
 - anti-aliased downsampling: stride-1 conv, then a 3x3 binomial blur with stride 2;
 - shortcut downsampling: 2x2 average pool (ceil mode), then 1x1 conv-norm;
 - fast global average pooling, a linear classifier.
+`set_grad_checkpointing()` recomputes each residual block in backward instead of keeping its
+activations (as timm's models: the stem is kept, every block of the four stages is checkpointed).
 State-dict keys equal timm's `tresnet_*` models, so timm weights load unchanged. `norm` picks
 BatchNorm2d + LeakyReLU or InPlace-ABN (see layers.resolve_norm_layer); keys are the same.
 """
@@ -17,11 +19,12 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+from timm.layers import DropPath, SpaceToDepth
 from torch import nn
 
-from tresnet_train.models.layers import (BlurPool2d, ConvNormAct, DropPath, FastGlobalAvgPool,
-                                         SpaceToDepth, SqueezeExcite, drop_path_rates,
-                                         resolve_norm_layer, zero_scale_)
+from tresnet_train.models.layers import (BlurPool2d, ConvNormAct, FastGlobalAvgPool, SqueezeExcite,
+                                         checkpoint_blocks, drop_path_rates, resolve_norm_layer,
+                                         zero_scale_)
 from tresnet_train.models.registry import TRESNET_DATA_CONFIG, register_model
 
 STEM_SLOPE = 1e-2  # LeakyReLU slope of the stem conv (official: InPlaceABN default activation_param)
@@ -73,7 +76,7 @@ class Bottleneck(nn.Module):
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.conv2(self.conv1(x))
         # SE's gated product feeds conv3 only: recomputed in backward instead of kept (gated_conv2d).
-        out = self.conv3(out, gate=self.se.gate(out) if self.se is not None else None)
+        out = self.conv3(out, gate=self.se.attention(out) if self.se is not None else None)
         return self.act(self.drop_path(out) + shortcut)
 
 
@@ -139,6 +142,7 @@ class TResNet(nn.Module):
 
         self.num_features = in_chs
         self.head = ClassifierHead(self.num_features, num_classes, drop_rate)
+        self.grad_checkpointing = False
         self.init_weights()
 
     @torch.no_grad()
@@ -157,6 +161,11 @@ class TResNet(nn.Module):
             if isinstance(m, (BasicBlock, Bottleneck)):
                 m.zero_init_last()
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Keep only each residual block's input for backward and recompute the block there
+        (layers.checkpoint_blocks): less memory, about one more forward per step."""
+        self.grad_checkpointing = enable
+
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
@@ -170,7 +179,12 @@ class TResNet(nn.Module):
             nn.init.normal_(self.head.fc.weight, 0.0, 0.01)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)  # (N, 3, H, W) -> (N, num_features, H/32, W/32)
+        """(N, 3, H, W) -> (N, num_features, H/32, W/32)."""
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return self.body(x)
+        x = self.body.conv1(self.body.s2d(x))  # (N, planes, H/4, W/4)
+        stages = (self.body.layer1, self.body.layer2, self.body.layer3, self.body.layer4)
+        return checkpoint_blocks([block for stage in stages for block in stage], x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
