@@ -7,7 +7,7 @@ import torch.nn as nn
 from tresnet_train.config import OptimConfig
 from tresnet_train.models import create_model
 from tresnet_train.models.layers import inplace_abn_available
-from tresnet_train.optim import build_optimizer, build_schedule, scaled_lr
+from tresnet_train.optim import build_optimizer, build_schedule, in_group_order, scaled_lr
 
 
 def test_lr_is_per_256_images():
@@ -98,3 +98,27 @@ def test_per_step_cosine_cool_down_holds_the_floor():
                                    cooldown_epochs=2), 1.0, steps_per_epoch=10, epochs=12)
     assert f(0) == pytest.approx(1.0) and f(50) == pytest.approx(0.55)
     assert [f(s) for s in range(100, 120)] == pytest.approx([0.1] * 20)
+
+
+def test_a_state_saved_with_decay_first_groups_loads_onto_the_same_parameters():
+    """Checkpoints written before the groups came from timm hold [decay, no decay]: each parameter
+    gets its own momentum back (the group sizes differ, so a plain load would fail)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(36, 2))
+    params = list(model.parameters())
+    decay = [p for p in params if p.ndim > 1]
+    old = torch.optim.SGD([{"params": decay, "weight_decay": 0.05},
+                           {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+                          lr=0.1, momentum=0.9, nesterov=True)
+    model(torch.randn(2, 3, 5, 5)).sum().backward()
+    old.step()
+    momentum = {id(p): old.state[p]["momentum_buffer"].clone() for p in params}
+
+    new = build_optimizer(model, OptimConfig(weight_decay=0.05), lr=0.1)
+    with pytest.raises(ValueError):
+        new.load_state_dict(old.state_dict())
+    new.load_state_dict(in_group_order(old.state_dict(), new))
+    for p in params:
+        assert torch.equal(new.state[p]["momentum_buffer"], momentum[id(p)])
+    assert [g["weight_decay"] for g in new.param_groups] == [0.0, 0.05]
+    assert in_group_order(new.state_dict(), new) == new.state_dict()  # today's order: unchanged

@@ -44,6 +44,24 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float) -> torc
     return optimizer
 
 
+def in_group_order(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """`saved` (an optimizer state dict) with its groups in `optimizer`'s order, [no decay, decay].
+
+    Checkpoints written before the groups came from timm hold them as [decay, no decay]; loading
+    those as they are would give each parameter another's momentum, or fail on the group sizes.
+    Within a group, both orders list the parameters as `model.parameters()` does.
+    """
+    groups, current = saved["param_groups"], optimizer.param_groups
+    decay_first = (len(groups) == len(current) == 2 and groups[0]["weight_decay"] > 0
+                   and groups[1]["weight_decay"] == 0 and current[0]["weight_decay"] == 0)
+    if not decay_first:
+        return saved
+    decay, plain = groups
+    renumber = {old: new for new, old in enumerate(plain["params"] + decay["params"])}
+    return {"state": {renumber[i]: v for i, v in saved["state"].items()},
+            "param_groups": [dict(g, params=[renumber[i] for i in g["params"]]) for g in (plain, decay)]}
+
+
 def _cosine(frac: float) -> float:
     """1 -> 0 along half a cosine as frac goes 0 -> 1."""
     return 0.5 * (1.0 + math.cos(math.pi * min(max(frac, 0.0), 1.0)))

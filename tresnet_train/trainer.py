@@ -35,7 +35,7 @@ from .logs import MetricsLog, Progress, duration, setup_console
 from .losses import build_batch_augment, build_criterion
 from .models import UnknownModelError, check_model_name, create_model, get_data_config, load_weights
 from .models.layers import inplace_abn_layers, set_drop_block
-from .optim import build_optimizer, build_schedule, scaled_lr
+from .optim import build_optimizer, build_schedule, in_group_order, scaled_lr
 from .precision import GradClipper, Precision, PrecisionError, enable_tf32, resolve_amp
 from .run_lock import RunLock, RunLockError
 from .sync_norm import convert_sync_norm
@@ -175,8 +175,8 @@ def speed_choices(cfg: Config, device: torch.device, world: World, precision: Pr
              f"precision {precision.amp} ({precision.reason})",
              f"TF32 {on[cuda and cfg.run.tf32]} (run.tf32{'' if cuda else '; CUDA only'})",
              f"cudnn.benchmark {on[cuda]} (fixed input sizes)",
-             f"channels_last {on[cfg.model.channels_last]}, compile {on[cfg.model.compile]} "
-             f"(as configured)",
+             f"channels_last {on[cfg.model.channels_last]}, compile {on[cfg.model.compile]}, "
+             f"gradient checkpointing {on[cfg.model.grad_checkpointing]} (as configured)",
              f"norm {norm} ({norm_why}), sync {on[cfg.model.sync_bn and world.distributed]}"]
     if getattr(train_loader, "backend", None) == "dali":
         from .data.dali_backend import hardware_decoder_share
@@ -386,7 +386,7 @@ class Trainer:
                               f"({detail}); use run.resume=none or a new run.output_dir") from None
         if state.get("ema") is not None and self.ema.module is not None:
             self.ema.module.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(in_group_order(state["optimizer"], self.optimizer))
         self.precision.scaler.load_state_dict(state["scaler"])
         self.epoch, self.start_step = state["epoch"], state["step_in_epoch"]
         if state["steps_per_epoch"] != self.steps:
