@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-from tresnet_train.models.checkpoints import (classifier_rows, convert_checkpoint,  # noqa: E402
+from tresnet_train.models.weights import (classifier_rows, convert_checkpoint,  # noqa: E402
                                               read_checkpoint)
 from tresnet_train.models.registry import TIMM_PREFIX  # noqa: E402
 

@@ -23,7 +23,7 @@ pytest.importorskip("onnx", reason="the export extra is not installed: pip insta
 pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -e '.[export]'")
 
 from data_helpers import real_photos  # noqa: E402
-from test_model_checkpoints import to_official  # noqa: E402
+from test_model_weights import to_official  # noqa: E402
 from trainer_helpers import ROOT, env, train  # noqa: E402
 from tresnet_train import export  # noqa: E402
 from tresnet_train import validation  # noqa: E402

@@ -1,4 +1,6 @@
-"""Checkpoints: written atomically, read with `torch.load(weights_only=True)` only.
+"""A run's checkpoint files: written atomically, read with `torch.load(weights_only=True)` only.
+
+(Model weights from other sources, timm and the official TResNet files: models/weights.py.)
 
 A checkpoint is a plain dict of tensors and plain data (no pickled objects), so loading it never runs
 code from the file. Writes go to a temporary file in the same folder, are flushed to disk, and are

@@ -347,7 +347,7 @@ def check_export(case: Case, meta: dict) -> None:
     import torch
 
     from .models import create_model, load_weights
-    from .models.checkpoints import convert_checkpoint
+    from .models.weights import convert_checkpoint
 
     cfg, best = case.cfg, case.run_dir / "best.pth"
     name = cfg.model.name

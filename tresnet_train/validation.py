@@ -186,7 +186,7 @@ def read_weights(path: str | Path, model: str | None = None, ema: bool | None = 
     True/False forces EMA/model weights; None takes the weights the run reported (ours: its
     train.report) or the plain state dict. `model` names the architecture (timm, official files)."""
     from .models import UnknownModelError, check_model_name, get_data_config
-    from .models.checkpoints import (detect_format, read_checkpoint, select_state_dict,
+    from .models.weights import (detect_format, read_checkpoint, select_state_dict,
                                      strip_wrapper_prefixes, to_timm_layout)
 
     try:
@@ -253,7 +253,7 @@ def checkpoint_num_classes(w: Weights) -> int | None:
     if w.ours:
         return w.cfg.model.num_classes
     from .models import create_model
-    from .models.checkpoints import classifier_rows
+    from .models.weights import classifier_rows
     with torch.device("meta"):  # only the classifier's name is needed: nothing is allocated
         return classifier_rows(w.state_dict, create_model(w.model_name, norm="bn"))
 
@@ -263,7 +263,7 @@ def build_model(w: Weights, num_classes: int) -> nn.Module:
     checkpoints hold BatchNorm-convention weights, also from InPlace-ABN runs
     (models/inplace_abn_norm.py), and evaluation gains nothing from InPlace-ABN."""
     from .models import create_model
-    from .models.checkpoints import load_state_dict_strict
+    from .models.weights import load_state_dict_strict
     model = create_model(w.model_name, num_classes=num_classes, norm="bn")
     try:
         load_state_dict_strict(model, w.state_dict, f"{w.path} ({w.weights} weights)")

@@ -4,7 +4,7 @@
     cfg = get_data_config(model)  # input_size, crop_pct, interpolation, mean, std
 """
 from tresnet_train.models import resnest, tresnet  # noqa: F401  (registers the models)
-from tresnet_train.models.checkpoints import (convert_official_state_dict, export_timm_state_dict,
+from tresnet_train.models.weights import (convert_official_state_dict, export_timm_state_dict,
                                               load_weights, read_state_dict)
 from tresnet_train.models.layers import init_non_persistent_buffers, resolve_norm_layer
 from tresnet_train.models.registry import (UnknownModelError, check_model_name, create_model,

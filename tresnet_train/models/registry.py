@@ -101,7 +101,7 @@ def create_model(name: str, num_classes: int = 1000, pretrained: str | None = No
                                   **kwargs)
         model.data_config = dict(entry.data_config)
     if pretrained:
-        from tresnet_train.models.checkpoints import load_weights
+        from tresnet_train.models.weights import load_weights
         load_weights(model, pretrained, strict=True, skip_mismatched_classifier=True)
     return model
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from tresnet_train.models import (create_model, export_timm_state_dict, load_weights,
                                   read_state_dict)
-from tresnet_train.models.checkpoints import (classifier_name, classifier_rows,
+from tresnet_train.models.weights import (classifier_name, classifier_rows,
                                               load_state_dict_strict)
 from tresnet_train.models.layers import ConvNormAct, binomial_filter_3x3, inplace_abn_available
 
