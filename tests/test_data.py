@@ -167,6 +167,7 @@ def test_listing_is_torchvisions_imagefolder_order_held_compactly(tmp_path):
                                                         s[0].endswith(("b/a.jpg", "a/10.JPEG"))]
 
 
+@pytest.mark.slow
 def test_two_ranks_share_the_check_each_reading_half(tmp_path):
     info = make_odd_folder(tmp_path / "data")
     torch.multiprocessing.spawn(index_as_rank, nprocs=2, args=(
@@ -335,6 +336,7 @@ def _launch(root: Path, backend: str, out: Path) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
+@pytest.mark.slow
 def test_two_processes_shard_and_count_each_val_image_once(tmp_path):
     ids = make_id_folder(tmp_path / "data", (13, 12), (6, 5))
     backends = ["torch"] + (["dali"] if dali_available() else [])

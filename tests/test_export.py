@@ -34,7 +34,7 @@ TOLERANCE = 1e-4  # fp32 logits, ONNX Runtime vs PyTorch
 
 
 @pytest.mark.parametrize("name,size", [
-    ("tresnet_m", 224),
+    pytest.param("tresnet_m", 224, marks=pytest.mark.slow),
     pytest.param("tresnet_m", 448, marks=pytest.mark.slow),
     pytest.param("tresnet_l", 224, marks=pytest.mark.slow),
     pytest.param("tresnet_xl", 224, marks=pytest.mark.slow),
@@ -92,6 +92,7 @@ def run_validate(*argv: str, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_export_then_validate_onnx_gives_the_checkpoints_top1(tmp_path, run_dir):
     onnx_path = tmp_path / "deploy" / "model.onnx"
     proc = subprocess.run([sys.executable, "scripts/export.py", "--ckpt", str(run_dir / "best.pth"),

@@ -41,6 +41,7 @@ def _logits(model, size: int):
         return model.eval()(x)
 
 
+@pytest.mark.slow
 def test_trained_scales_mean_the_same_with_batchnorm_inplace_abn_and_timm():
     torch.manual_seed(0)
     model = _train(create_model("tresnet_m", norm="iabn", num_classes=10), steps=3, size=64, lr=0.05)
@@ -64,6 +65,7 @@ def test_trained_scales_mean_the_same_with_batchnorm_inplace_abn_and_timm():
     assert (_logits(reference, 64) - ours).abs().max() <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_zero_init_is_the_smallest_scale_and_trains_upwards():
     """A block's last norm starts at eps (|0| + eps, as the official init); the first step moves
     its scales with the BatchNorm gradient's sign, never onto the mirrored branch below zero."""

@@ -134,6 +134,7 @@ def test_timm_state_dict_loads_and_matches_timm(name, tmp_path, randomize_norms)
 
 # --- (c) official TResNet files ------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tresnet_m", "tresnet_v2_l"])
 def test_official_file_loads_into_batchnorm_as_timm_converts_it(name, tmp_path):
     official, expected = to_official(create_model(name, norm="bn"))
@@ -234,6 +235,7 @@ def test_convert_checkpoint_script_official_to_timm(tmp_path):
     assert all(torch.equal(converted[k], v) for k, v in expected.items())
 
 
+@pytest.mark.slow
 def test_convert_script_prints_the_timm_call_and_the_validation_input(tmp_path):
     """Our 10-class checkpoint trained at 128 px: the printed call loads it (a bare
     `timm.create_model("tresnet_m")` would not), and the input it was validated at is stated."""
