@@ -188,6 +188,7 @@ def test_strict_turns_bad_files_into_a_clear_error(tmp_path):
         build_loaders(make_cfg(tmp_path, "torch", strict=True), TRESNET, World(), CPU)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_odd_files_one_epoch(tmp_path, backend):
     """Decodable odd files (CMYK, grey, PNG named .JPEG, huge, tiny) train; undecodable are skipped."""
@@ -371,6 +372,7 @@ def _roundtrip(state: dict) -> dict:
     return torch.load(buf, weights_only=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mid_epoch_resume_yields_identical_remaining_batches(tmp_path, backend):
     make_photo_folder(tmp_path, (9, 8))

@@ -145,6 +145,7 @@ def test_export_takes_the_weights_the_trainer_found_best(tmp_path, run_dir, ema)
         assert (gap <= TOLERANCE) == (source == state["best_source"]), (source, gap)
 
 
+@pytest.mark.slow
 def test_timm_and_official_files_with_model(tmp_path, randomize_norms):
     torch.manual_seed(0)
     model = randomize_norms(create_model("tresnet_tiny", num_classes=1000, norm="bn")).eval()

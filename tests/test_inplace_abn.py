@@ -86,6 +86,7 @@ def test_bn_checkpoint_scales_below_eps_load_at_the_floor():
     assert torch.equal(iabn.body.conv1.bn.weight[:3].detach(), torch.full((3,), EPS))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("train_mode", [True, False], ids=["train", "eval"])
 def test_autocast_runs_inplace_abn_in_a_precision_its_kernels_have(train_mode, dtype,

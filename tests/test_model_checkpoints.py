@@ -69,6 +69,7 @@ def to_official(model: nn.Module, seed: int = 0) -> tuple[dict, dict]:
 
 # --- (a) our checkpoints --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_our_checkpoint_model_and_ema(tmp_path, randomize_norms):
     weights = randomize_norms(create_model("tresnet_tiny", norm="bn"), seed=1)
     ema = randomize_norms(create_model("tresnet_tiny", norm="bn"), seed=2)
@@ -123,6 +124,7 @@ def test_pretrained_path_with_new_num_classes_keeps_a_fresh_classifier(tmp_path,
 
 # --- (b) timm state dicts ------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tresnet_m", "resnest50d"])
 def test_timm_state_dict_loads_and_matches_timm(name, tmp_path, randomize_norms):
     reference = randomize_norms(timm.create_model(name, pretrained=False))
@@ -206,6 +208,7 @@ def test_inplace_abn_refuses_negative_batchnorm_scales(tmp_path):
 
 # --- export to timm ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tresnet_m", "tresnet_v2_l", "resnest50d"])
 def test_export_loads_strictly_in_timm(name, randomize_norms):
     ours = randomize_norms(create_model(name, norm="bn"))
@@ -215,6 +218,7 @@ def test_export_loads_strictly_in_timm(name, randomize_norms):
     assert (logits(ours) - logits(reference)).abs().max() <= TOLERANCE
 
 
+@pytest.mark.slow
 @needs_iabn
 def test_inplace_abn_model_exports_to_timm(randomize_norms):
     ours = randomize_norms(create_model("tresnet_m", norm="iabn"))
@@ -223,6 +227,7 @@ def test_inplace_abn_model_exports_to_timm(randomize_norms):
     assert (logits(ours) - logits(reference)).abs().max() <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_convert_checkpoint_script_official_to_timm(tmp_path):
     official, expected = to_official(create_model("tresnet_m", norm="bn"))
     src, dst = tmp_path / "official.pth", tmp_path / "timm.pth"

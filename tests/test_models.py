@@ -148,7 +148,7 @@ def test_backward_reaches_every_parameter(name, randomize_norms):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", list(PARAM_COUNTS))
+@pytest.mark.parametrize("name", slow_unless_tiny(list(PARAM_COUNTS)))
 def test_num_classes_and_classifier_reset(name):
     with torch.device("meta"):  # shapes only: the meta device runs no arithmetic
         model = create_model(name, num_classes=10, norm="bn").eval()
@@ -197,6 +197,7 @@ def test_gradients_match_timm_with_same_weights(randomize_norms):
         assert torch.allclose(p.grad, theirs[name].grad, rtol=1e-5, atol=1e-6 * theirs[name].grad.abs().max()), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", slow_unless_tiny(["tresnet_tiny", "resnest50d"]))
 def test_drop_path_rises_linearly_over_blocks(name, randomize_norms):
     model = randomize_norms(create_model(name, norm="bn", drop_path_rate=0.3))
@@ -357,6 +358,7 @@ def test_meta_model_materialises_and_loads(randomize_norms):
         assert torch.equal(model.eval()(x), reference(x))
 
 
+@pytest.mark.slow
 def test_torch_compile_inductor_fullgraph_matches_eager():
     torch._dynamo.reset()
     model = create_model("tresnet_tiny", norm="bn").eval()
@@ -366,6 +368,7 @@ def test_torch_compile_inductor_fullgraph_matches_eager():
         assert (compiled(x) - model(x)).abs().max() <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_tresnet_m_has_no_graph_breaks():
     torch._dynamo.reset()
     model = fresh_model("tresnet_m").train()
