@@ -402,6 +402,7 @@ def test_mid_epoch_resume_yields_identical_remaining_batches(tmp_path, backend):
     assert resumed.state_dict()["epoch"] == 2 and resumed.state_dict()["step"] == 0
 
 
+@pytest.mark.slow
 @needs_dali
 def test_dali_epoch_from_the_cached_graph_equals_a_fresh_trace(tmp_path):
     """Epoch pipelines are deserialised from the graph traced for the first epoch."""

@@ -126,6 +126,7 @@ def test_export_then_validate_onnx_gives_the_checkpoints_top1(tmp_path, run_dir)
         assert a[:3] == b[:3] and abs(float(a[3]) - float(b[3])) <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ema", [False, True])
 def test_export_takes_the_weights_the_trainer_found_best(tmp_path, run_dir, ema):
     state = torch.load(run_dir / "best.pth", weights_only=True)
@@ -182,6 +183,7 @@ def test_an_inplace_abn_model_exports_with_its_norms_folded(tmp_path, randomize_
     assert (got - ref).abs().max() <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_usage_errors_are_one_line_and_exit_2(tmp_path, run_dir, capsys):
     assert export.main(["--ckpt", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "m.onnx")]) == 2
     torch.save(create_model("tresnet_tiny", num_classes=10, norm="bn").state_dict(), tmp_path / "bare.pth")
