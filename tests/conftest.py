@@ -1,6 +1,14 @@
-"""Shared fixtures: the digits dataset (trainer, fault and validation tests), model-test helpers."""
+"""Shared fixtures: the digits dataset and one reference training run (trainer, fault, validation and
+resume tests), model-test helpers, and signal handlers put back after each test."""
+import signal
+import subprocess
+from pathlib import Path
+from typing import NamedTuple
+
 import pytest
 import torch
+
+from trainer_helpers import tiny_overrides, train
 
 
 def _randomize_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -32,3 +40,34 @@ def digits(tmp_path_factory):
     """The demo's digits dataset (ImageFolder of JPEGs), built once per test session."""
     from tresnet_train.data.digits import build_digits
     return build_digits(tmp_path_factory.mktemp("digits") / "digits")
+
+
+class Run(NamedTuple):
+    """A finished training run: its folder, and train.py's exit code and output."""
+    out: Path
+    proc: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, digits) -> Run:
+    """One uninterrupted `tiny_overrides` run (2 epochs of 6 steps, model + EMA), trained once per session.
+
+    It is the run every interrupted-and-resumed run must reproduce tensor for tensor, the checkpoint
+    validate.py must agree with, and the starting point of the resume tests. Tests only read it; one
+    that writes into a run folder copies it first.
+    """
+    out = tmp_path_factory.mktemp("reference")
+    proc = train(tiny_overrides(out, digits))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return Run(out, proc)
+
+
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """A Trainer built in this process installs SIGINT/SIGTERM/SIGUSR1 handlers: give pytest's back."""
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    saved = {s: signal.getsignal(s) for s in signals}
+    yield
+    for s, handler in saved.items():
+        if signal.getsignal(s) is not handler:
+            signal.signal(s, handler)

@@ -1,7 +1,8 @@
 """A throw-away one-node SLURM cluster on this machine, for testing `scripts/slurm/`.
 
-Debian's `slurm-wlm` 22.05 and `munge` (installed with apt when missing and we are root). Everything the
-daemons write lives in one fresh folder: the munge key and socket, slurm.conf, state, spool, pid and log
+Debian's `slurm-wlm` 22.05 and `munge`, installed with apt when missing only if
+TRESNET_TEST_INSTALL_SLURM=1 asks for it (.ci/run sets it) and we are root. Everything the daemons
+write lives in one fresh folder: the munge key and socket, slurm.conf, state, spool, pid and log
 files. Ports are picked free at start, so a second cluster (a second test run) does not collide with
 this one. The daemons run in the foreground as our own children; `stop()` cancels the cluster's jobs and
 ends each daemon by the PID we started. Configuration (measured with Debian 12's slurm-wlm 22.05):
@@ -31,6 +32,7 @@ from pathlib import Path
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "scancel", "squeue", "srun", "sinfo")
 APT_PACKAGES = ("slurm-wlm", "munge")
+INSTALL_ENV = "TRESNET_TEST_INSTALL_SLURM"  # =1: apt-get install APT_PACKAGES when missing
 
 
 class ClusterUnavailable(RuntimeError):
@@ -42,10 +44,14 @@ def _sbin(name: str) -> str | None:
 
 
 def ensure_installed() -> None:
-    """Install slurm-wlm and munge with apt when a daemon or client is missing (root only)."""
+    """Install slurm-wlm and munge with apt when a daemon or client is missing and INSTALL_ENV=1 asks
+    for it (root only): running the tests changes the system's packages only when the caller says so."""
     missing = [n for n in DAEMONS + CLIENTS if _sbin(n) is None]
     if not missing:
         return
+    if os.environ.get(INSTALL_ENV) != "1":
+        raise ClusterUnavailable(f"SLURM/munge not installed ({', '.join(missing)} missing); set "
+                                 f"{INSTALL_ENV}=1 to apt-get install {' '.join(APT_PACKAGES)} (as root)")
     if os.geteuid() != 0:
         raise ClusterUnavailable(f"SLURM/munge not installed ({', '.join(missing)} missing) and not root "
                                  f"to apt-get install {' '.join(APT_PACKAGES)}")

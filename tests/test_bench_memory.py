@@ -60,6 +60,7 @@ def test_inplace_abn_keeps_bf16_under_autocast():
     assert bf16 <= 0.55 * fp32  # every activation kept in bf16 (an fp32 one would cost 4 bytes, not 2)
 
 
+@pytest.mark.slow
 def test_report_targets_predictions_and_max_batch_comparison(tmp_path):
     bm = load_script()
     gpu_run = tmp_path / "gpu.json"

@@ -22,6 +22,7 @@ def load_script():
     return bench_overhead
 
 
+@pytest.mark.slow
 def test_miniature_run_reports_every_variant_and_the_ratios(tmp_path):
     make_photo_folder(tmp_path / "photos", (10, 10))
     out = tmp_path / "out"

@@ -45,6 +45,7 @@ def cpu_run(tmp_path_factory):
     return json.loads(json_path.read_text()), md_path.read_text(), json_path, proc.stdout
 
 
+@pytest.mark.slow
 def test_cpu_report_has_environment_and_command(cpu_run):
     report, md, json_path, _ = cpu_run
     assert json_path.name.endswith("-cpu.json") and json_path.name[:4].isdigit()  # <date>-cpu.json
@@ -58,6 +59,7 @@ def test_cpu_report_has_environment_and_command(cpu_run):
     assert run["command"] in md and env["torch"] in md
 
 
+@pytest.mark.slow
 def test_cpu_measurements_are_sane(cpu_run):
     report = cpu_run[0]
     by_variant = {(r["size"], r["variant"]): r for r in report["results"]}
@@ -78,6 +80,7 @@ def test_cpu_measurements_are_sane(cpu_run):
     assert by_variant[(32, "cudagraphs")]["status"] == "skipped"
 
 
+@pytest.mark.slow
 def test_a_failing_model_is_recorded_not_fatal(cpu_run):
     report, md, _, _ = cpu_run
     bad = [r for r in report["results"] if r["size"] == 30]
@@ -88,6 +91,7 @@ def test_a_failing_model_is_recorded_not_fatal(cpu_run):
     assert "train: " in md
 
 
+@pytest.mark.slow
 def test_targets_in_report(cpu_run):
     report, md, _, stdout = cpu_run
     targets = {t["target"]: t for t in report["targets"]}
@@ -150,6 +154,7 @@ def test_targets_use_best_variant_and_the_right_baselines():
     assert "**MISSED** (measured 0.93x)" in md and "| met |" in md
 
 
+@pytest.mark.slow
 def test_merge_combines_runs_and_recomputes_targets(cpu_run, tmp_path):
     bm = load_benchmark()
     report, _, json_path, _ = cpu_run

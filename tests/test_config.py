@@ -97,6 +97,7 @@ def test_every_shipped_config_loads(config, tmp_path):
     assert cfg.model.name
 
 
+@pytest.mark.slow
 def test_cli_exits_2_on_bad_config_before_building_anything(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", "--config", "configs/demo.yaml",
                            "optim.lrr=1", f"run.output_dir={tmp_path / 'run'}"], cwd=ROOT,

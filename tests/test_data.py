@@ -168,6 +168,7 @@ def test_listing_is_torchvisions_imagefolder_order_held_compactly(tmp_path):
                                                         s[0].endswith(("b/a.jpg", "a/10.JPEG"))]
 
 
+@pytest.mark.slow
 def test_two_ranks_share_the_check_each_reading_half(tmp_path):
     info = make_odd_folder(tmp_path / "data")
     torch.multiprocessing.spawn(index_as_rank, nprocs=2, args=(
@@ -188,6 +189,7 @@ def test_strict_turns_bad_files_into_a_clear_error(tmp_path):
         build_loaders(make_cfg(tmp_path, "torch", strict=True), TRESNET, World(), CPU)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_odd_files_one_epoch(tmp_path, backend):
     """Decodable odd files (CMYK, grey, PNG named .JPEG, huge, tiny) train; undecodable are skipped."""
@@ -346,6 +348,7 @@ def _launch(root: Path, backend: str, out: Path) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
+@pytest.mark.slow
 def test_two_processes_shard_and_count_each_val_image_once(tmp_path):
     ids = make_id_folder(tmp_path / "data", (13, 12), (6, 5))
     backends = ["torch"] + (["dali"] if dali_available() else [])
@@ -380,6 +383,7 @@ def _roundtrip(state: dict) -> dict:
     return torch.load(buf, weights_only=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mid_epoch_resume_yields_identical_remaining_batches(tmp_path, backend):
     make_photo_folder(tmp_path, (9, 8))
@@ -409,6 +413,7 @@ def test_mid_epoch_resume_yields_identical_remaining_batches(tmp_path, backend):
     assert resumed.state_dict()["epoch"] == 2 and resumed.state_dict()["step"] == 0
 
 
+@pytest.mark.slow
 @needs_dali
 def test_dali_epoch_from_the_cached_graph_equals_a_fresh_trace(tmp_path):
     """Epoch pipelines are deserialised from the graph traced for the first epoch."""

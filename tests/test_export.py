@@ -34,7 +34,7 @@ TOLERANCE = 1e-4  # fp32 logits, ONNX Runtime vs PyTorch
 
 
 @pytest.mark.parametrize("name,size", [
-    ("tresnet_m", 224),
+    pytest.param("tresnet_m", 224, marks=pytest.mark.slow),
     pytest.param("tresnet_m", 448, marks=pytest.mark.slow),
     pytest.param("tresnet_l", 224, marks=pytest.mark.slow),
     pytest.param("tresnet_xl", 224, marks=pytest.mark.slow),
@@ -92,6 +92,7 @@ def run_validate(*argv: str, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_export_then_validate_onnx_gives_the_checkpoints_top1(tmp_path, run_dir):
     onnx_path = tmp_path / "deploy" / "model.onnx"
     proc = subprocess.run([sys.executable, "scripts/export.py", "--ckpt", str(run_dir / "best.pth"),
@@ -125,6 +126,7 @@ def test_export_then_validate_onnx_gives_the_checkpoints_top1(tmp_path, run_dir)
         assert a[:3] == b[:3] and abs(float(a[3]) - float(b[3])) <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ema", [False, True])
 def test_export_takes_the_weights_the_trainer_found_best(tmp_path, run_dir, ema):
     state = torch.load(run_dir / "best.pth", weights_only=True)
@@ -144,6 +146,7 @@ def test_export_takes_the_weights_the_trainer_found_best(tmp_path, run_dir, ema)
         assert (gap <= TOLERANCE) == (source == state["best_source"]), (source, gap)
 
 
+@pytest.mark.slow
 def test_timm_and_official_files_with_model(tmp_path, randomize_norms):
     torch.manual_seed(0)
     model = randomize_norms(create_model("tresnet_tiny", num_classes=1000, norm="bn")).eval()
@@ -180,6 +183,7 @@ def test_an_inplace_abn_model_exports_with_its_norms_folded(tmp_path, randomize_
     assert (got - ref).abs().max() <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_usage_errors_are_one_line_and_exit_2(tmp_path, run_dir, capsys):
     assert export.main(["--ckpt", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "m.onnx")]) == 2
     torch.save(create_model("tresnet_tiny", num_classes=10, norm="bn").state_dict(), tmp_path / "bare.pth")

@@ -24,21 +24,14 @@ from tresnet_train import checkpoint
 from tresnet_train.run_lock import LOCK_NAME
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, digits):
-    out = tmp_path_factory.mktemp("reference")
-    proc = train(tiny_overrides(out, digits, **{"train.epochs": 3}))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return out
-
-
 def _readable_or_absent(path):
     return not path.exists() or checkpoint.is_readable(path)
 
 
+@pytest.mark.slow
 def test_kill_at_three_points_one_mid_write_ends_identical(tmp_path, digits, reference):
     out = tmp_path / "run"
-    overrides = tiny_overrides(out, digits, **{"train.epochs": 3, "run.ckpt_every_steps": 1})
+    overrides = tiny_overrides(out, digits, **{"run.ckpt_every_steps": 1})
     # 1) mid-epoch, 2) right after an epoch boundary, 3) inside a checkpoint write (slowed down so
     # the kill lands between the first and second half of the bytes).
     for step in (3, 7):
@@ -65,13 +58,14 @@ def test_kill_at_three_points_one_mid_write_ends_identical(tmp_path, digits, ref
     resumed = train(overrides)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "taking over the run lock" in resumed.stdout and "its process is dead" in resumed.stdout
-    assert_same_weights(load(out / "last.pth"), load(reference / "last.pth"))
+    assert_same_weights(load(out / "last.pth"), load(reference.out / "last.pth"))
 
 
+@pytest.mark.slow
 def test_second_run_on_a_busy_folder_is_refused_and_the_first_is_untouched(tmp_path, digits,
                                                                             reference):
     out, ready, go = tmp_path / "run", tmp_path / "ready", tmp_path / "go"
-    overrides = tiny_overrides(out, digits, **{"train.epochs": 3})
+    overrides = tiny_overrides(out, digits)
     first = subprocess.Popen([sys.executable, "tests/gated_train.py", str(ready), str(go),
                               "--config", "configs/demo.yaml", *overrides], cwd=ROOT, env=env(),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -91,9 +85,9 @@ def test_second_run_on_a_busy_folder_is_refused_and_the_first_is_untouched(tmp_p
         go.touch()
         stdout, _ = first.communicate(timeout=900)
     assert first.returncode == 0, stdout
-    assert_same_weights(load(out / "last.pth"), load(reference / "last.pth"))
+    assert_same_weights(load(out / "last.pth"), load(reference.out / "last.pth"))
     records = (out / "metrics.jsonl").read_text().splitlines()
-    assert len(records) == len((reference / "metrics.jsonl").read_text().splitlines())
+    assert len(records) == len((reference.out / "metrics.jsonl").read_text().splitlines())
     assert not (out / LOCK_NAME).exists()  # handed back at the end
 
 
@@ -172,6 +166,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", str(folder)], check=True)
 
 
+@pytest.mark.slow
 def test_a_run_folder_too_small_for_its_checkpoints_fails_at_start(small_disk, digits):
     disk = small_disk(12)  # tresnet_tiny's checkpoint is ~6 MB; last + best + the next need 3
     proc = train(tiny_overrides(disk / "run", digits))
@@ -183,6 +178,7 @@ def test_a_run_folder_too_small_for_its_checkpoints_fails_at_start(small_disk, d
     assert "(3 files of 6," in lines[0] and "lower run.keep_top_k" in lines[0]
 
 
+@pytest.mark.slow
 def test_disk_full_mid_run_ends_with_one_line_and_keeps_the_last_checkpoint(tmp_path, small_disk,
                                                                             digits):
     disk = small_disk(24)
@@ -209,6 +205,7 @@ def test_disk_full_mid_run_ends_with_one_line_and_keeps_the_last_checkpoint(tmp_
     assert not list(out.rglob("*.tmp")) and "Traceback" not in stdout + stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_training_files_that_vanish_mid_run_are_skipped_then_end_the_run(tmp_path, digits, backend):
     """Two training files deleted after indexing, with room for one (data.max_bad_fraction=0.001 of
@@ -268,6 +265,7 @@ def test_crafted_pickle_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, needle", [
     (["optim.lrr=1"], "unknown config key 'optim.lrr'; did you mean lr"),
     (["optim.lr=abc"], "config key 'optim.lr': expected float"),
@@ -290,6 +288,7 @@ def test_bad_configs_fail_fast_with_exit_2(tmp_path, overrides, needle):
     assert not (tmp_path / "run").exists()  # failed before anything was started
 
 
+@pytest.mark.slow
 def test_base_cycle_fails_fast(tmp_path):
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
@@ -298,6 +297,7 @@ def test_base_cycle_fails_fast(tmp_path):
     assert proc.returncode == 2 and "cycle" in proc.stderr
 
 
+@pytest.mark.slow
 def test_fp16_overflow_is_absorbed_by_the_scaler(tmp_path, digits):
     from tresnet_train.config import load_config
     from tresnet_train.trainer import Trainer
@@ -346,6 +346,7 @@ def test_ranks_resume_together_from_rank_0s_choice(tmp_path, digits):
     assert len(prints) == 2 and prints[0] == prints[1]
 
 
+@pytest.mark.slow
 def test_a_failing_rank_ends_the_job_with_its_error(tmp_path, digits):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

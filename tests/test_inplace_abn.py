@@ -41,6 +41,7 @@ def _logits(model, size: int):
         return model.eval()(x)
 
 
+@pytest.mark.slow
 def test_trained_scales_mean_the_same_with_batchnorm_inplace_abn_and_timm():
     torch.manual_seed(0)
     model = _train(create_model("tresnet_m", norm="iabn", num_classes=10), steps=3, size=64, lr=0.05)
@@ -64,6 +65,7 @@ def test_trained_scales_mean_the_same_with_batchnorm_inplace_abn_and_timm():
     assert (_logits(reference, 64) - ours).abs().max() <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_zero_init_is_the_smallest_scale_and_trains_upwards():
     """A block's last norm starts at eps (|0| + eps, as the official init); the first step moves
     its scales with the BatchNorm gradient's sign, never onto the mirrored branch below zero."""
@@ -84,6 +86,7 @@ def test_bn_checkpoint_scales_below_eps_load_at_the_floor():
     assert torch.equal(iabn.body.conv1.bn.weight[:3].detach(), torch.full((3,), EPS))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("train_mode", [True, False], ids=["train", "eval"])
 def test_autocast_runs_inplace_abn_in_a_precision_its_kernels_have(train_mode, dtype,

@@ -71,6 +71,7 @@ def to_official(model: nn.Module, seed: int = 0) -> tuple[dict, dict]:
 
 # --- (a) our checkpoints --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_our_checkpoint_model_and_ema(tmp_path, randomize_norms):
     weights = randomize_norms(create_model("tresnet_tiny", norm="bn"), seed=1)
     ema = randomize_norms(create_model("tresnet_tiny", norm="bn"), seed=2)
@@ -125,6 +126,7 @@ def test_pretrained_path_with_new_num_classes_keeps_a_fresh_classifier(tmp_path,
 
 # --- (b) timm state dicts ------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tresnet_m", "resnest50d"])
 def test_timm_state_dict_loads_and_matches_timm(name, tmp_path, randomize_norms):
     reference = randomize_norms(timm.create_model(name, pretrained=False))
@@ -136,6 +138,7 @@ def test_timm_state_dict_loads_and_matches_timm(name, tmp_path, randomize_norms)
 
 # --- (c) official TResNet files ------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tresnet_m", "tresnet_v2_l"])
 def test_official_file_loads_into_batchnorm_as_timm_converts_it(name, tmp_path):
     official, expected = to_official(create_model(name, norm="bn"))
@@ -227,6 +230,7 @@ def test_inplace_abn_refuses_negative_batchnorm_scales(tmp_path):
 
 # --- export to timm ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tresnet_m", "tresnet_v2_l", "resnest50d"])
 def test_export_loads_strictly_in_timm(name, randomize_norms):
     ours = randomize_norms(create_model(name, norm="bn"))
@@ -236,6 +240,7 @@ def test_export_loads_strictly_in_timm(name, randomize_norms):
     assert (logits(ours) - logits(reference)).abs().max() <= TOLERANCE
 
 
+@pytest.mark.slow
 @needs_iabn
 def test_inplace_abn_model_exports_to_timm(randomize_norms):
     ours = randomize_norms(create_model("tresnet_m", norm="iabn"))
@@ -244,6 +249,7 @@ def test_inplace_abn_model_exports_to_timm(randomize_norms):
     assert (logits(ours) - logits(reference)).abs().max() <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_convert_checkpoint_script_official_to_timm(tmp_path):
     official, expected = to_official(create_model("tresnet_m", norm="bn"))
     src, dst = tmp_path / "official.pth", tmp_path / "timm.pth"
@@ -256,6 +262,7 @@ def test_convert_checkpoint_script_official_to_timm(tmp_path):
     assert all(torch.equal(converted[k], v) for k, v in expected.items())
 
 
+@pytest.mark.slow
 def test_convert_script_prints_the_timm_call_and_the_validation_input(tmp_path):
     """Our 10-class checkpoint trained at 128 px: the printed call loads it (a bare
     `timm.create_model("tresnet_m")` would not), and the input it was validated at is stated."""

@@ -36,6 +36,11 @@ WITH_TIMM_COUNTERPART = [n for n in PARAM_COUNTS if n != "tresnet_tiny"]
 TOLERANCE = 1e-4  # max abs logit difference to timm, fp32 eval mode
 SMALL = 64  # input side for tests that do not need a full-size image
 
+
+def slow_unless_tiny(names: list[str]) -> list:
+    """Parameters for `names`, the full-size models marked slow: each takes seconds on a CPU core."""
+    return [n if n == "tresnet_tiny" else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
 needs_iabn = pytest.mark.skipif(not inplace_abn_available(),
                                 reason="inplace_abn is not installed (pip install --no-build-isolation "
                                        "inplace-abn)")
@@ -132,7 +137,7 @@ def test_pinned_parameter_count(name):
     assert n_params(fresh_model(name)) == PARAM_COUNTS[name]
 
 
-@pytest.mark.parametrize("name", list(PARAM_COUNTS))
+@pytest.mark.parametrize("name", slow_unless_tiny(list(PARAM_COUNTS)))
 def test_backward_reaches_every_parameter(name, randomize_norms):
     model = randomize_norms(fresh_model(name)).train()  # non-zero residual scales: all grads flow
     x = torch.rand(2, 3, 32, 32)  # the smallest input that reaches the last stage (1x1)
@@ -144,7 +149,7 @@ def test_backward_reaches_every_parameter(name, randomize_norms):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", list(PARAM_COUNTS))
+@pytest.mark.parametrize("name", slow_unless_tiny(list(PARAM_COUNTS)))
 def test_num_classes_and_classifier_reset(name):
     with torch.device("meta"):  # shapes only: the meta device runs no arithmetic
         model = create_model(name, num_classes=10, norm="bn").eval()
@@ -158,7 +163,7 @@ def test_num_classes_and_classifier_reset(name):
     assert model.num_features == {"tresnet_tiny": 512, "tresnet_l": 2432, "tresnet_xl": 2656}.get(name, 2048)
 
 
-@pytest.mark.parametrize("name", list(PARAM_COUNTS))
+@pytest.mark.parametrize("name", slow_unless_tiny(list(PARAM_COUNTS)))
 def test_forward_448(name, timm_reference):
     if name in WITH_TIMM_COUNTERPART:
         logits = timm_reference(name)[448][0]  # computed once, also used for the timm comparison
@@ -169,6 +174,7 @@ def test_forward_448(name, timm_reference):
 
 
 @pytest.mark.parametrize("size", [224, 448])
+@pytest.mark.slow
 @pytest.mark.parametrize("name", WITH_TIMM_COUNTERPART)
 def test_matches_timm_with_same_weights(name, size, timm_reference):
     ref = timm_reference(name)
@@ -178,6 +184,7 @@ def test_matches_timm_with_same_weights(name, size, timm_reference):
     assert theirs.std() > 0.01  # the logits carry signal, not a constant
 
 
+@pytest.mark.slow
 def test_gradients_match_timm_with_same_weights(randomize_norms):
     """Our blur and SE-gated conv3 keep less for backward (layers.py); their gradients are timm's."""
     ours = randomize_norms(fresh_model("tresnet_m")).train()
@@ -191,7 +198,8 @@ def test_gradients_match_timm_with_same_weights(randomize_norms):
         assert torch.allclose(p.grad, theirs[name].grad, rtol=1e-5, atol=1e-6 * theirs[name].grad.abs().max()), name
 
 
-@pytest.mark.parametrize("name", ["tresnet_tiny", "resnest50d"])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", slow_unless_tiny(["tresnet_tiny", "resnest50d"]))
 def test_drop_path_rises_linearly_over_blocks(name, randomize_norms):
     model = randomize_norms(create_model(name, norm="bn", drop_path_rate=0.3))
     blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck, ResNestBottleneck))]
@@ -395,6 +403,7 @@ def test_meta_model_materialises_and_loads(randomize_norms):
         assert torch.equal(model.eval()(x), reference(x))
 
 
+@pytest.mark.slow
 def test_torch_compile_inductor_fullgraph_matches_eager():
     torch._dynamo.reset()
     model = create_model("tresnet_tiny", norm="bn").eval()
@@ -404,6 +413,7 @@ def test_torch_compile_inductor_fullgraph_matches_eager():
         assert (compiled(x) - model(x)).abs().max() <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_tresnet_m_has_no_graph_breaks():
     torch._dynamo.reset()
     model = fresh_model("tresnet_m").train()

@@ -80,6 +80,7 @@ def test_prepare_writes_checked_parts_without_the_excluded_package(bundle):
     assert not (out / ".work").exists()
 
 
+@pytest.mark.slow
 def test_install_from_parts_in_two_folders(bundle, tmp_path):
     # the target's environment, which already has tiny-c (as a GPU machine has its torch)
     venv = tmp_path / "venv"

@@ -18,6 +18,7 @@ def plot(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_plots_real_runs_overlaid(tmp_path, digits):
     run = tmp_path / "tiny"
     proc = train(tiny_overrides(run, digits, **{"train.steps_per_epoch": 4}))

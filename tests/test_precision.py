@@ -67,6 +67,7 @@ def test_hardware_jpeg_decoder_share_only_where_there_is_one(gpu, name, share):
     assert hardware_decoder_share(torch.device("cpu")) == 0.0
 
 
+@pytest.mark.slow
 def test_start_up_line_names_the_device_and_every_speed_choice(tmp_path, digits):
     proc = train(tiny_overrides(tmp_path / "run", digits, **{"train.epochs": 1,
                                                              "train.steps_per_epoch": 1}))

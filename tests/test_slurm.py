@@ -1,10 +1,11 @@
 """The SLURM job scripts (scripts/slurm/) on a real one-node SLURM cluster, with the real train.py.
 
-tests/slurm_cluster.py brings up munge + slurmctld + slurmd (Debian slurm-wlm 22.05, installed with apt
-when missing and we are root) in a fresh folder with free ports, and stops them by PID at the end. The
-scripts are submitted unchanged; the "CPU overrides" are sbatch options (--cpus-per-task=2, --time,
---signal), environment (NPROC_PER_NODE, PYTHON) and trainer overrides (run.device=cpu, tiny digits
-runs). The node declares 8 fake GPUs, so the scripts' `--gpus-per-node=8` is scheduled as written.
+tests/slurm_cluster.py brings up munge + slurmctld + slurmd (Debian slurm-wlm 22.05; when missing,
+installed with apt only if TRESNET_TEST_INSTALL_SLURM=1 and we are root, else the cluster tests skip)
+in a fresh folder with free ports, and stops them by PID at the end. The scripts are submitted
+unchanged; the "CPU overrides" are sbatch options (--cpus-per-task=2, --time, --signal), environment
+(NPROC_PER_NODE, PYTHON) and trainer overrides (run.device=cpu, tiny digits runs). The node declares
+8 fake GPUs, so the scripts' `--gpus-per-node=8` is scheduled as written.
 
 What is checked, each from SLURM's own record (`scontrol show job`) and the run folder:
   * a train job completes (ExitCode 0:0) and leaves its checkpoints and a copy of its log in the run folder;
@@ -45,6 +46,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import slurm_cluster
 from slurm_cluster import Cluster, ClusterUnavailable, ensure_installed
 
 pytestmark = pytest.mark.slurm
@@ -159,6 +161,7 @@ def reference(cluster, tiny, tmp_path_factory):
     return run, job, info, sec_per_step
 
 
+@pytest.mark.slow
 def test_train_job_completes(reference):
     run, job, info, _ = reference
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", info
@@ -170,6 +173,7 @@ def test_train_job_completes(reference):
     assert "step exited with 0" in log and "done: best top-1" in log  # the trainer's log is in the run folder
 
 
+@pytest.mark.slow
 def test_signals_checkpoint_requeue_and_resume(cluster, tiny, reference, tmp_path):
     """Three stops by three routes, three requeues, and the weights of an uninterrupted run."""
     ref_run = reference[0]
@@ -205,6 +209,7 @@ def seconds_per_step(run: Path) -> float:
     return sum(16 / r for r in rates) / len(rates) if rates else 1.0  # the mean: I/O is spiky
 
 
+@pytest.mark.slow
 def test_time_limit_chain(cluster, tiny, reference, tmp_path):
     """--time=3 with the warning 60 s before: SLURM's own USR1 stops each allocation until the run ends.
 
@@ -266,6 +271,7 @@ run: {{output_dir: {q(str(tmp / "runs" / "tiny_448"))}}}
     return first, second
 
 
+@pytest.mark.slow
 def test_224_then_448_chain_with_afterok(cluster, digits, tmp_path):
     """The README's chain: the 448 job waits (--dependency=afterok) for the 224 job, through a requeue
     of it, then starts from its best.pth, found where the 448 config says."""
@@ -293,6 +299,7 @@ def test_224_then_448_chain_with_afterok(cluster, digits, tmp_path):
     assert not list(REPO.glob(f"runs/*-{job224}")) and not list(REPO.glob(f"runs/*-{job448}"))
 
 
+@pytest.mark.slow
 def test_multinode_script_two_ranks(cluster, tmp_path):
     """train_multinode.sbatch, 1 node x 2 trainers: rendezvous, a stop with both ranks exiting 75, resume."""
     run = tmp_path / "run"
@@ -352,6 +359,7 @@ def test_run_dir_is_the_folder_train_py_would_use(tmp_path):
     assert bad.stderr.startswith("config error: unknown config key 'optim.lrr'")
 
 
+@pytest.mark.slow
 def test_bad_config_fails_with_exit_code(cluster, tmp_path):
     """Fails before building anything (what "in seconds" means, whatever the machine's load)."""
     run = tmp_path / "run"
@@ -365,6 +373,7 @@ def test_bad_config_fails_with_exit_code(cluster, tmp_path):
     assert sorted(p.name for p in run.iterdir()) == [f"slurm-{job}.out"]  # no config, no checkpoint
 
 
+@pytest.mark.slow
 def test_validate_job(cluster, reference, tmp_path):
     from tresnet_train.data.digits import build_digits
 
@@ -378,3 +387,15 @@ def test_validate_job(cluster, reference, tmp_path):
     results = json.loads((run / f"val-{job}.json").read_text())
     best = json.loads((run / "summary.json").read_text())["best"]["top1"]
     assert abs(results["top1"] - best) < 1e-6, (results, best)
+
+
+def test_missing_slurm_is_installed_only_when_asked(monkeypatch):
+    """Without TRESNET_TEST_INSTALL_SLURM=1 a missing SLURM is a skip reason, and apt is never run."""
+    ran = []
+    monkeypatch.setattr(slurm_cluster, "_sbin", lambda name: None)
+    monkeypatch.setattr(slurm_cluster.subprocess, "run", lambda cmd, **kw: ran.append(cmd))
+    monkeypatch.delenv(slurm_cluster.INSTALL_ENV, raising=False)
+    with pytest.raises(ClusterUnavailable, match="set TRESNET_TEST_INSTALL_SLURM=1 to apt-get install "
+                                                 "slurm-wlm munge"):
+        ensure_installed()
+    assert ran == []

@@ -58,6 +58,7 @@ def _sync_rank(rank: int, world_size: int, rendezvous: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @needs_iabn
 def test_inplace_abn_sync_on_gloo_equals_full_batch_statistics(tmp_path):
     mp.spawn(_sync_rank, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2)

@@ -17,15 +17,6 @@ from trainer_helpers import (ROOT, assert_same_weights, env, kill_run, load,
                              start_train, tiny_overrides, train, wait_for_step)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, digits):
-    """An uninterrupted tiny run: the weights every resumed run must reproduce exactly."""
-    out = tmp_path_factory.mktemp("reference")
-    proc = train(tiny_overrides(out, digits))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return out, proc
-
-
 def test_run_writes_config_checkpoints_metrics_and_tensorboard(reference):
     out, proc = reference
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -108,6 +99,7 @@ def _records_once(out) -> None:
     assert steps == sorted(set(steps)), steps
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, digits, reference):
     ref_out, _ = reference
     out = tmp_path / "run"
@@ -123,6 +115,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, digits, reference):
     _records_once(out)  # steps logged after the checkpoint and again after the resume: once
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_signal_checkpoints_and_exits_75_then_resumes(tmp_path, digits, reference, sig):
     ref_out, _ = reference
@@ -138,6 +131,7 @@ def test_signal_checkpoints_and_exits_75_then_resumes(tmp_path, digits, referenc
     assert_same_weights(load(out / "last.pth"), load(ref_out / "last.pth"))
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_in_one_line_exits_130_then_resumes_exactly(tmp_path, digits, reference):
     """Ctrl-C as a terminal sends it: to the whole process group, loader workers included."""
     ref_out, _ = reference
@@ -157,6 +151,7 @@ def test_ctrl_c_checkpoints_in_one_line_exits_130_then_resumes_exactly(tmp_path,
     assert_same_weights(load(out / "last.pth"), load(ref_out / "last.pth"))
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_exits_at_once_leaving_whole_checkpoints(tmp_path, digits):
     """The first Ctrl-C asks for a checkpoint, whose write hangs (a slow disk); the second one ends
     the run during that write, and the checkpoint on disk is still the previous, whole one."""
@@ -185,6 +180,7 @@ def test_a_second_ctrl_c_exits_at_once_leaving_whole_checkpoints(tmp_path, digit
     assert load(out / "last.pth")["global_step"] == 2  # the previous checkpoint, whole
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_step_keeps_last_good_checkpoint_and_resumes(tmp_path, digits):
     from tresnet_train.config import load_config
     from tresnet_train.trainer import NonFiniteLoss, Trainer
@@ -211,6 +207,7 @@ def test_nonfinite_loss_stops_with_step_keeps_last_good_checkpoint_and_resumes(t
     assert "resumed from" in resumed.stdout and load(out / "last.pth")["global_step"] == 12
 
 
+@pytest.mark.slow
 def test_two_processes_match_and_resume_exactly(tmp_path, digits):
     """torchrun --nproc_per_node=2 on gloo: both ranks end identical; SIGKILL + resume is exact."""
     ref = tmp_path / "ref"
@@ -232,6 +229,7 @@ def test_two_processes_match_and_resume_exactly(tmp_path, digits):
     assert_same_weights(load(out / "last.pth"), load(ref / "last.pth"))
 
 
+@pytest.mark.slow
 def test_ctrl_c_under_the_launcher_is_one_line_and_exit_130_on_two_processes(tmp_path, digits):
     """scripts/slurm/launch.py (torchrun's arguments) passes Ctrl-C on: both ranks checkpoint at the
     same step, the launcher exits 130 without a traceback, and the run resumes from that step."""
@@ -252,6 +250,7 @@ def test_ctrl_c_under_the_launcher_is_one_line_and_exit_130_on_two_processes(tmp
     assert f"step {stopped['step_in_epoch']}" in resumed.stdout
 
 
+@pytest.mark.slow
 def test_validation_counts_each_image_once_with_two_processes(tmp_path, digits, reference):
     """An odd-sized val set: top-1 with 2 processes equals top-1 with 1 (no padded duplicates)."""
     ref_out, _ = reference
@@ -272,6 +271,7 @@ def test_validation_counts_each_image_once_with_two_processes(tmp_path, digits, 
     assert one["loss"] == pytest.approx(two["loss"], rel=1e-6)  # float32 sums in another order
 
 
+@pytest.mark.slow
 def test_real_photos_loss_falls_and_top1_beats_chance(tmp_path):
     out = tmp_path / "run"
     proc = train(["model.name=tresnet_tiny", "model.num_classes=10", "data.source=folder",
@@ -288,6 +288,7 @@ def test_real_photos_loss_falls_and_top1_beats_chance(tmp_path):
     assert max(top1) > 20.0, top1  # chance is 10%
 
 
+@pytest.mark.slow
 def test_a_warmup_as_long_as_the_run_and_too_many_workers_are_said_once(tmp_path, digits):
     proc = train(tiny_overrides(tmp_path / "run", digits, **{
         "train.epochs": 1, "train.steps_per_epoch": 2, "optim.schedule": "cosine",

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer_helpers import ROOT, env, load, tiny_overrides, train
+from trainer_helpers import ROOT, env, load, tiny_overrides
 from tresnet_train.config import ConfigError, load_config
 from tresnet_train.models import create_model
 from tresnet_train.validation import main
@@ -27,13 +27,10 @@ JSON_KEYS = {"model", "checkpoint", "top1", "top5", "loss", "num_images", "img_s
              "resize_mode", "backend", "images_per_s"}
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, digits):
-    """A tiny 2-epoch run (model + EMA): its last.pth and the val records it logged."""
-    out = tmp_path_factory.mktemp("trained")
-    proc = train(tiny_overrides(out, digits))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return out
+@pytest.fixture
+def trained(reference):
+    """The shared tiny 2-epoch run (model + EMA, conftest.py): its last.pth and the val records it logged."""
+    return reference.out
 
 
 def last_val(run_dir: Path) -> dict:
@@ -90,6 +87,7 @@ def independent_eval(state_dict: dict, val_dir: Path, img_size: int = 32, crop_p
     return top1, dict(zip(names, (classes[p] for p in preds.tolist())))
 
 
+@pytest.mark.slow
 def test_top1_equals_trainer_log_and_an_independent_loop(tmp_path, trained, digits):
     ckpt, logged = trained / "last.pth", last_val(trained)
     state = load(ckpt)
@@ -119,6 +117,7 @@ def test_top1_equals_trainer_log_and_an_independent_loop(tmp_path, trained, digi
     assert rc == 0 and result["weights"] == state["best_source"]
 
 
+@pytest.mark.slow
 def test_squash_protocol_equals_an_independent_loop(tmp_path, trained, digits, capsys):
     """--resize squash (the official TResNet 448 evaluation): the whole image to img_size^2, no crop;
     the JSON and the printed table say so."""
@@ -139,6 +138,7 @@ def test_squash_protocol_equals_an_independent_loop(tmp_path, trained, digits, c
     assert result["loss"] != crop["loss"]  # the digits are 32 px squares: squash skips crop's zoom
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resize", ["crop", "squash"])
 def test_dali_backend_agrees_with_torch(tmp_path, trained, digits, resize):
     pytest.importorskip("nvidia.dali")
@@ -151,6 +151,7 @@ def test_dali_backend_agrees_with_torch(tmp_path, trained, digits, resize):
     assert abs(dali_result["top1"] - torch_result["top1"]) <= 2.0
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_count_each_image_once(tmp_path, trained, digits):
     """359 val images (odd): rank 1 gets a padding sample, which must not count."""
     results, rows = {}, {}
@@ -191,6 +192,7 @@ def _to_official(state_dict: dict) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_timm_and_official_formats_need_model_and_give_the_same_numbers(tmp_path, trained, digits,
                                                                        capsys):
     model_sd = load(trained / "last.pth")["model"]
@@ -308,6 +310,7 @@ def test_448_recipes_fine_tune_from_the_224_runs():
         assert path.read_text().startswith("# TResNet-") and "Expected top-1" in path.read_text()
 
 
+@pytest.mark.slow
 def test_fine_tune_at_twice_the_resolution_then_validate_there(tmp_path, trained, digits):
     """The 448 recipe's mechanics on the demo model: init_from a 32-px run, one epoch at 64 px."""
     out = tmp_path / "ft"

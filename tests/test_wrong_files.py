@@ -45,6 +45,7 @@ def _train_py(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["text", "empty", "yaml", "truncated"])
 def test_train_py_names_the_key_and_the_file(tmp_path, files, kind):
     key = {"text": "model.init_from", "empty": "model.pretrained", "yaml": "run.resume",
@@ -53,12 +54,14 @@ def test_train_py_names_the_key_and_the_file(tmp_path, files, kind):
               EXPECTED[kind])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["model.init_from", "run.resume"])
 def test_train_py_refuses_another_models_checkpoint(tmp_path, files, key):
     proc = _train_py(tmp_path, "model.name=tresnet_m", "data.img_size=64", f"{key}={files['tiny']}")
     _one_line(proc, str(files["tiny"]), "fit")
 
 
+@pytest.mark.slow
 def test_digits_source_on_another_dataset_names_the_key(tmp_path, files):
     folder = tmp_path / "photos"
     (folder / "train" / "cat").mkdir(parents=True)
@@ -66,6 +69,7 @@ def test_digits_source_on_another_dataset_names_the_key(tmp_path, files):
               "data.source=folder")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["text", "empty", "yaml", "truncated", "tiny"])
 def test_validate_py_names_the_file(tmp_path, files, digits, kind):
     extra = ["--model", "tresnet_m"] if kind == "tiny" else []
