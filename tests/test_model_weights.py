@@ -281,14 +281,14 @@ def test_convert_script_prints_the_timm_call_and_the_validation_input(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert f"  model = timm.create_model('tresnet_m', num_classes=10)" in lines, proc.stdout
+    assert "  model = timm.create_model('tresnet_m', num_classes=10)" in lines, proc.stdout
     code = "\n".join(line.strip() for line in lines if line.startswith("  model"))
     scope = {"timm": timm, "torch": torch}
     exec(code, scope)  # the two printed lines, as a user would paste them
     assert all(torch.equal(scope["model"].state_dict()[k], v) for k, v in model.state_dict().items())
     assert ("validate at: 128 px (crop_pct 1: resize the short side to 128, center crop 128), "
             "bilinear, mean (0.0, 0.0, 0.0) std (1.0, 1.0, 1.0) on RGB in [0, 1]") in lines, proc.stdout
-    assert f"--img-size 128 --crop-pct 1" in proc.stdout
+    assert "--img-size 128 --crop-pct 1" in proc.stdout
 
 
 # --- weights-only loading ------------------------------------------------------------------------

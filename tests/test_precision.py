@@ -1,7 +1,5 @@
 """What each GPU generation gets: `train.amp: auto` per compute capability (mocked here), a bf16 that a
 GPU cannot run natively refused at preflight, and the speed choices named at start-up."""
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -9,7 +7,7 @@ import torch
 from tresnet_train.config import load_config
 from tresnet_train.data.dali_backend import hardware_decoder_share
 from tresnet_train.precision import Precision, PrecisionError, resolve_amp
-from trainer_helpers import ROOT, env, tiny_overrides, train
+from trainer_helpers import ROOT, tiny_overrides, train
 
 GPUS = {"V100": (7, 0), "T4": (7, 5), "A100": (8, 0), "A10": (8, 6), "H100": (9, 0)}
 
