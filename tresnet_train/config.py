@@ -93,6 +93,7 @@ class DataConfig:
 
 
 OPTIMIZERS = ("sgd", "adamw", "lamb")  # optim.name
+WITH_BETAS = ("adamw", "lamb")  # the optimizers that take optim.betas and keep two moments
 SCHEDULES = ("cosine", "onecycle", "step")  # optim.schedule
 
 

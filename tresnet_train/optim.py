@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from timm.optim import create_optimizer_v2
 
-from .config import OptimConfig
+from .config import WITH_BETAS, OptimConfig
 from .models.layers import ScaleFloor
 
 
@@ -35,7 +35,7 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     """timm's optimizer with timm's weight-decay groups: [no decay (ndim <= 1), decay] (the first only
     when weight decay is 0); after each step it keeps InPlace-ABN scales >= eps."""
-    kwargs = {"betas": tuple(cfg.betas)} if cfg.name in ("adamw", "lamb") else {"momentum": cfg.momentum}
+    kwargs = {"betas": tuple(cfg.betas)} if cfg.name in WITH_BETAS else {"momentum": cfg.momentum}
     optimizer = create_optimizer_v2(model, opt=_timm_name(cfg), lr=lr, weight_decay=cfg.weight_decay,
                                     filter_bias_and_bn=True, **kwargs)
     floor = ScaleFloor(model)

@@ -25,7 +25,7 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, dump_yaml, report_source, to_dict
+from .config import WITH_BETAS, Config, ConfigError, dump_yaml, report_source, to_dict
 from .data import DataError, build_loaders, scan_image_folder
 from .data.digits import check_digits_root
 from .distributed import (World, barrier, broadcast_buffers, broadcast_object, cleanup,
@@ -245,7 +245,7 @@ def checkpoint_bytes(cfg: Config, model: nn.Module, ema) -> int:
     (created at the first step: SGD's momentum buffer, AdamW's and LAMB's two moments), and about
     1 KiB of zip entry and pickle per tensor (tresnet_tiny: 6.02 MB written, 6.17 MB estimated)."""
     params = list(model.parameters())
-    slots = 2 if cfg.optim.name in ("adamw", "lamb") else int(cfg.optim.momentum > 0)
+    slots = 2 if cfg.optim.name in WITH_BETAS else int(cfg.optim.momentum > 0)
     copies = 2 if ema.module is not None else 1
     state = model.state_dict()
     tensors = copies * len(state) + slots * len(params)

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from timm.models import checkpoint
 from torch import nn
 
+from ..config import NORMS
+
 
 def binomial_filter_3x3() -> torch.Tensor:
     """The 3x3 blur [1, 2, 1] x [1, 2, 1] / 16 of TResNet's anti-alias layer, shape (3, 3)."""
@@ -286,9 +288,6 @@ def init_non_persistent_buffers(model: nn.Module) -> nn.Module:
     return model
 
 
-NORM_CHOICES = ("auto", "bn", "iabn")
-
-
 def inplace_abn_available() -> bool:
     """True when the `inplace_abn` package (and its compiled extension) imports."""
     try:
@@ -302,8 +301,8 @@ def resolve_norm_layer(norm: str) -> type[nn.Module]:
     """Norm class for `norm`: "bn" -> BatchNorm2d (+ separate LeakyReLU), "iabn" -> InPlace-ABN,
     "auto" -> InPlace-ABN when CUDA is available and inplace_abn is installed, else BatchNorm2d.
     Both give the same state-dict keys and the same outputs from the same weights."""
-    if norm not in NORM_CHOICES:
-        raise ValueError(f"norm={norm!r} is not one of {NORM_CHOICES}")
+    if norm not in NORMS:
+        raise ValueError(f"norm={norm!r} is not one of {NORMS}")
     if norm == "auto":
         norm = "iabn" if torch.cuda.is_available() and inplace_abn_available() else "bn"
     if norm == "bn":
