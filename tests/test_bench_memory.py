@@ -103,6 +103,7 @@ def test_report_targets_predictions_and_max_batch_comparison(tmp_path):
     assert "scripts/bench_memory.py --models tresnet_tiny" in md and "| timm/resnet18 + checkpointing |" in md
 
 
+@pytest.mark.slow
 def test_peak_step_runs_each_setting_in_a_fresh_process(tmp_path):
     """One training step per setting, each with its own peak RSS: checkpointing keeps less for backward."""
     bm = load_script()

@@ -62,6 +62,7 @@ def _assert_resumes(state: dict, root, full) -> None:
         assert torch.equal(ta, tb) and torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_on_disk_form_is_plain_named_data_and_resumes(tmp_path):
     make_photo_folder(tmp_path, (9, 8))
     full = _batches(_loader(tmp_path))
@@ -80,6 +81,7 @@ def test_on_disk_form_is_plain_named_data_and_resumes(tmp_path):
     _assert_resumes(stored, tmp_path, full)
 
 
+@pytest.mark.slow
 def test_unverified_dali_release_takes_the_public_path_with_the_same_batches(tmp_path,
                                                                              monkeypatch):
     make_photo_folder(tmp_path, (9, 8))

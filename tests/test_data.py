@@ -529,6 +529,7 @@ def test_dali_gpu_outputs_on_device_and_matches_torch(tmp_path):
     assert diff.mean() < 1.5  # nvJPEG's IDCT differs slightly from libjpeg-turbo's
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_autoaugment_jitter_and_random_filter_change_pixels_and_repeat_exactly(tmp_path, backend):
     """ResNeSt's and timm's train ingredients on each backend: they change the batches, and the
