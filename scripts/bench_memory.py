@@ -249,11 +249,16 @@ def peak_steps(args, report: dict, write) -> None:
             write()
 
 
-def peak_markdown(report: dict) -> str:
+def _header(report: dict, title: str, where: str) -> list[str]:
+    """The title with the date and device, the versions and the command: the top of each report."""
     env = report["env"]
-    lines = [f"# Peak memory of one training step ({env['date'][:10]}, on {env['device']})", "",
-             f"torch {env['torch']}, timm {env['timm']}, InPlace-ABN {env.get('inplace_abn') or 'not installed'}, "
-             f"commit {env.get('git_commit') or '?'}.", "", f"Command (repository root): `{report['command']}`", "",
+    return [f"# {title} ({env['date'][:10]}, {where} {env['device']})", "",
+            f"torch {env['torch']}, timm {env['timm']}, InPlace-ABN {env.get('inplace_abn') or 'not installed'}, "
+            f"commit {env.get('git_commit') or '?'}.", "", f"Command (repository root): `{report['command']}`", ""]
+
+
+def peak_markdown(report: dict) -> str:
+    lines = [*_header(report, "Peak memory of one training step", "on"),
              "Each row is a fresh process: one forward, loss, backward and SGD-Nesterov step on a random "
              "batch. Saved: bytes kept for backward (as in the per-image report). RSS before: the process "
              "with the model built, before the step. Peak: the process's peak RSS during the step (VmHWM).", "",
@@ -377,10 +382,7 @@ def _mib(v) -> str:
 
 
 def to_markdown(report: dict) -> str:
-    env = report["env"]
-    lines = [f"# Training memory per image ({env['date'][:10]}, counted on {env['device']})", "",
-             f"torch {env['torch']}, timm {env['timm']}, InPlace-ABN {env.get('inplace_abn') or 'not installed'}, "
-             f"commit {env.get('git_commit') or '?'}.", "", f"Command (repository root): `{report['command']}`", "",
+    lines = [*_header(report, "Training memory per image", "counted on"),
              "Saved for backward: the storages autograd keeps from one training forward and the loss "
              "(each storage once; parameters, buffers and the input batch left out), per image = "
              f"(bytes at batch {report['batches'][1]} - bytes at batch {report['batches'][0]}) / "
