@@ -334,6 +334,12 @@ def prepare_data(args) -> None:
     for split in ("train", "val"):
         if not (data / split).is_dir():
             raise SystemExit(f"--data {data}: no {split}/ folder (ImageFolder layout: {split}/<class>/*.jpg)")
+    images = sum(1 for d in (data / "train").iterdir() for _ in d.iterdir())
+    needed = (args.warmup + args.steps) * args.batch
+    if images < needed:  # train.py's log windows would span an epoch end and its validation
+        raise SystemExit(f"--data {data}: {images} train images, but --warmup {args.warmup} + --steps "
+                         f"{args.steps} batches of {args.batch} need {needed} within one epoch; "
+                         f"lower --batch or --steps, or add images (--count)")
 
 
 def photo_size(root: Path) -> str:
