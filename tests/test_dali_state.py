@@ -62,14 +62,18 @@ def _assert_resumes(state: dict, root, full) -> None:
         assert torch.equal(ta, tb) and torch.equal(a, b)
 
 
-@pytest.mark.slow
-def test_on_disk_form_is_plain_named_data_and_resumes(tmp_path):
+def _stopped_after_two_steps(tmp_path):
+    """(every batch of an uninterrupted epoch, the state of a loader stopped after two, via disk)."""
     make_photo_folder(tmp_path, (9, 8))
     full = _batches(_loader(tmp_path))
     first = _loader(tmp_path)
     _batches(first, limit=2)
-    written = _through_disk(first.state_dict())
-    del first
+    return full, _through_disk(first.state_dict())
+
+
+@pytest.mark.slow
+def test_on_disk_form_is_plain_named_data_and_resumes(tmp_path):
+    full, written = _stopped_after_two_steps(tmp_path)
 
     # The form checkpoints hold, field by field: a state dict built from these plain values (as
     # every checkpoint written so far holds them) resumes pixel-identically.
@@ -84,12 +88,7 @@ def test_on_disk_form_is_plain_named_data_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_unverified_dali_release_takes_the_public_path_with_the_same_batches(tmp_path,
                                                                              monkeypatch):
-    make_photo_folder(tmp_path, (9, 8))
-    full = _batches(_loader(tmp_path))
-    first = _loader(tmp_path)
-    _batches(first, limit=2)
-    state = _through_disk(first.state_dict())
-    del first
+    full, state = _stopped_after_two_steps(tmp_path)
 
     calls = []
     monkeypatch.setattr(dali_backend, "dali_internals_verified", lambda: calls.append(1) or False)
