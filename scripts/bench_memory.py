@@ -5,6 +5,7 @@
     python scripts/bench_memory.py --max-batch-from benchmarks/<gpu run>.json   # predicted vs measured
     python scripts/bench_memory.py --models tresnet_tiny --sizes 64 --precisions fp32   # smoke
     python scripts/bench_memory.py --peak-step 4 --models tresnet_xl --sizes 448 --norms iabn --precisions fp32
+    python scripts/bench_memory.py --speed 6 --models tresnet_m --norms iabn --against ../before
 
 For each model, input size, norm (ours: InPlace-ABN or BatchNorm + LeakyReLU) and gradient checkpointing
 (where the model has `set_grad_checkpointing`), one training forward plus the loss runs under
@@ -22,12 +23,20 @@ prediction (an upper bound: it leaves out the gradient buffers alive during back
 fragmentation and the CUDA context), not a measurement. `--max-batch-from` compares it with the largest
 batch scripts/benchmark.py measured on a GPU. The models are scripts/benchmark.py's, plus ResNeSt-50d.
 
+`--speed STEPS` times instead training steps of each setting (forward, loss, backward, SGD step on
+a random batch of `--speed-batch`; img/s over STEPS after `--speed-warmup` untimed steps; without
+gradient checkpointing): our model as
+it is, and with `recompute_conv3` off (each Bottleneck keeps its last conv's output instead of running
+that conv and its norm again in backward); with `--against DIR`, also the same model from another
+checkout of this repository (e.g. `git worktree add ../before <commit>`). Every measurement is a fresh
+process, the variants interleaved in `--repeats` rounds; ratios are medians of per-round ratios.
+
 `--peak-step BATCH` measures instead what one whole training step (forward, loss, backward, SGD step)
 costs the process: each setting runs in a fresh process, which reports the bytes saved for backward
 and its resident memory (RSS) before the step and at the step's peak (VmHWM, reset before the step;
 it covers activations, gradients, optimizer state and the allocator's overhead on the CPU).
 
-Output: <out-dir>/<date>-<device>-memory[-<tag>].json and .md (peak step: -peak-step), with the command,
+Output: <out-dir>/<date>-<device>-memory[-<tag>].json and .md (-peak-step, -speed), with the command,
 versions and the target ratio (TResNet-M with InPlace-ABN over ResNet50, bytes per image, fp32 and bf16
 autocast), written again after each model so a long run leaves what it measured.
 """
@@ -38,12 +47,14 @@ import collections
 import json
 import math
 import shlex
+import statistics
 import subprocess
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import DEFAULT_MODELS, device_slug, environment  # noqa: E402
 
@@ -82,12 +93,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-step", type=int, default=0, metavar="BATCH",
                    help="instead: saved bytes and peak RSS of one training step at this batch, each "
                         "setting in a fresh process")
+    p.add_argument("--speed", type=int, default=0, metavar="STEPS",
+                   help="instead: training img/s over STEPS steps, with and without recompute_conv3 "
+                        "(and --against), each in a fresh process")
+    p.add_argument("--speed-batch", type=int, default=8)
+    p.add_argument("--speed-warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="--speed rounds")
+    p.add_argument("--against", metavar="DIR", help="--speed: also time the models of this checkout")
     p.add_argument("--peak-child", help=argparse.SUPPRESS)  # one --peak-step setting, as JSON
+    p.add_argument("--speed-child", help=argparse.SUPPRESS)  # one --speed setting, as JSON
     args = p.parse_args(argv)
     args.batches = sorted(int(b) for b in args.batches.split(","))
     # Training-mode BatchNorm needs two values per channel: ResNeSt's attention norm sees (N, C, 1, 1).
     if len(args.batches) != 2 or args.batches[0] < 2 or args.batches[0] == args.batches[1]:
         p.error(f"--batches {args.batches}: give two different batch sizes of at least 2, e.g. 2,4")
+    if args.against and not (Path(args.against) / "tresnet_train").is_dir():
+        p.error(f"--against {args.against}: not a checkout of this repository (no tresnet_train/ in it)")
     if args.peak_step == 1:
         p.error("--peak-step 1: give a batch of at least 2 (training-mode BatchNorm needs 2 images)")
     for p_ in args.precisions.split(","):
@@ -271,6 +292,117 @@ def peak_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+SPEED_VARIANTS = {"ours": "as it is", "conv3_kept": "recompute_conv3 off", "against": "--against checkout"}
+
+
+def speed_child(spec: dict, args) -> dict:
+    """Training img/s of one setting in this (fresh) process, with the tresnet_train of spec["root"]."""
+    # benchmark.py imported this checkout's package: forget it, so the import below finds spec["root"]'s.
+    for name in [m for m in sys.modules if m.split(".")[0] == "tresnet_train"]:
+        del sys.modules[name]
+    sys.path.insert(0, spec["root"])
+    import tresnet_train
+    device = torch.device(args.device)
+    model = build(spec, args, device)
+    if spec["variant"] == "conv3_kept":
+        for m in model.modules():
+            if hasattr(m, "recompute_conv3"):
+                m.recompute_conv3 = False
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.rand(spec["batch"], 3, spec["size"], spec["size"], device=device, generator=g)
+    y = torch.randint(0, args.num_classes, (spec["batch"],), device=device, generator=g)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if spec["precision"] == "bf16"
+                else nullcontext())
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    for step in range(spec["warmup"] + spec["steps"]):
+        if step == spec["warmup"]:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        with autocast:
+            loss = criterion(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {**spec, "img_per_s": spec["batch"] * spec["steps"] / seconds,
+            "package": str(Path(tresnet_train.__file__).parent)}
+
+
+def speed_rounds(args, report: dict, write) -> None:
+    """speed_child for every setting and variant, each in a fresh process, variants interleaved in
+    rounds (load on a shared machine then hits them alike)."""
+    script = str(Path(__file__).resolve())
+    variants = ["ours", "conv3_kept"] + (["against"] if args.against else [])
+    for rnd in range(args.repeats):
+        for row in [r for r in rows(args) if not r["checkpointing"]]:
+            for precision in args.precisions.split(","):
+                for variant in variants:
+                    path = str(Path(args.against).resolve() if variant == "against" else ROOT)
+                    spec = {**row, "precision": precision, "batch": args.speed_batch, "steps": args.speed,
+                            "warmup": args.speed_warmup, "variant": variant, "round": rnd, "root": path}
+                    child = subprocess.run([sys.executable, script, "--speed-child", json.dumps(spec),
+                                            "--device", args.device, "--num-classes", str(args.num_classes)],
+                                           capture_output=True, text=True)
+                    if child.returncode != 0:
+                        raise SystemExit(f"--speed {spec} failed:\n{child.stderr}")
+                    r = json.loads(child.stdout.splitlines()[-1])
+                    if Path(r["package"]).parent != Path(path):
+                        raise SystemExit(f"--speed {variant}: timed {r['package']}, not the package in {path}")
+                    report["results"].append(r)
+                    print(f"round {rnd + 1}: {label(r):<35} @{r['size']:<4} {precision} "
+                          f"{SPEED_VARIANTS[variant]:<22} {r['img_per_s']:7.2f} img/s", flush=True)
+        report["ratios"] = speed_ratios(report["results"])
+        write()
+
+
+def speed_ratios(results: list[dict]) -> list[dict]:
+    """Per setting: the median img/s of each variant and the medians of the per-round ratios of
+    `ours` to the other variants."""
+    settings = {}
+    for r in results:
+        key = (r["model"], r["size"], r["norm"], r["checkpointing"], r["precision"])
+        settings.setdefault(key, {}).setdefault(r["round"], {})[r["variant"]] = r["img_per_s"]
+    out = []
+    for (model, size, norm, ckpt, precision), rounds in settings.items():
+        entry = {"model": model, "size": size, "norm": norm, "checkpointing": ckpt, "precision": precision,
+                 "rounds": len(rounds),
+                 "median_img_per_s": {v: statistics.median(r[v] for r in rounds.values() if v in r)
+                                      for v in SPEED_VARIANTS if any(v in r for r in rounds.values())}}
+        for other in ("conv3_kept", "against"):
+            per_round = [r["ours"] / r[other] for r in rounds.values() if "ours" in r and other in r]
+            if per_round:
+                entry[f"ours_over_{other}"] = {"median": statistics.median(per_round), "per_round": per_round}
+        out.append(entry)
+    return out
+
+
+def speed_markdown(report: dict) -> str:
+    lines = [*_header(report, "Training speed of the memory savings", "on"),
+             f"One training step: forward, loss, backward, SGD-Nesterov step on a random batch of "
+             f"{report['speed_batch']}; img/s over {report['speed_steps']} steps after "
+             f"{report['speed_warmup']} untimed ones. Variants: ours as it is; ours with "
+             "`recompute_conv3` off (each Bottleneck keeps its last conv's output); the same model from "
+             f"another checkout ({report.get('against') or 'none'}). Each measurement is a fresh process, "
+             "the variants interleaved in rounds; medians over rounds, ratios the medians of per-round ratios.",
+             "", "| model | size | precision | rounds | img/s: ours | recompute_conv3 off | other checkout | "
+             "ours / off (per round) | ours / other checkout (per round) |", "|---|---|---|---|---|---|---|---|---|"]
+    for e in report.get("ratios", []):
+        med = e["median_img_per_s"]
+        cells = [f"{med[v]:.2f}" if v in med else "–" for v in SPEED_VARIANTS]
+        ratios = []
+        for other in ("conv3_kept", "against"):
+            r = e.get(f"ours_over_{other}")
+            ratios.append("–" if r is None else f"**{r['median']:.3f}** ("
+                          + ", ".join(f"{v:.3f}" for v in r["per_round"]) + ")")
+        lines.append(f"| {label(e)} | {e['size']} | {e['precision']} | {e['rounds']} | "
+                     + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _set_timm_reentrant(enable: bool) -> bool:
     from timm.layers import config
     before = config.use_reentrant_ckpt()
@@ -434,22 +566,32 @@ def main(argv=None) -> int:
     if args.peak_child:
         print(json.dumps(peak_step_child(json.loads(args.peak_child), args)))
         return 0
+    if args.speed_child:
+        print(json.dumps(speed_child(json.loads(args.speed_child), args)))
+        return 0
     device = torch.device(args.device)
     env = environment(device)
     report = {"schema": SCHEMA, "command": args.command, "env": env, "batches": args.batches,
               "gpu_gib": list(GPU_GIB), "results": []}
-    stem = f"{env['date'][:10]}-{device_slug(env)}-memory" + ("-peak-step" if args.peak_step else "") \
-        + (f"-{args.tag}" if args.tag else "")
+    mode = "-peak-step" if args.peak_step else "-speed" if args.speed else ""
+    stem = f"{env['date'][:10]}-{device_slug(env)}-memory{mode}" + (f"-{args.tag}" if args.tag else "")
     out = Path(args.out_dir) if Path(args.out_dir).is_absolute() else Path.cwd() / args.out_dir
     out.mkdir(parents=True, exist_ok=True)
 
     def write() -> None:
         (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-        (out / f"{stem}.md").write_text(peak_markdown(report) if args.peak_step else to_markdown(report))
+        markdown = peak_markdown if args.peak_step else speed_markdown if args.speed else to_markdown
+        (out / f"{stem}.md").write_text(markdown(report))
 
     if args.peak_step:
         report["peak_step_batch"] = args.peak_step
         peak_steps(args, report, write)
+        print(f"wrote {out / stem}.json and .md")
+        return 0
+    if args.speed:
+        report.update(speed_batch=args.speed_batch, speed_steps=args.speed, speed_warmup=args.speed_warmup,
+                      against=args.against)
+        speed_rounds(args, report, write)
         print(f"wrote {out / stem}.json and .md")
         return 0
     report["targets"], report["max_batch_comparison"] = [], []

@@ -45,12 +45,19 @@ def kept_by(model, precision):
             for n in counts[1].by_layer()}
 
 
-def test_blur_keeps_nothing_and_gated_conv_keeps_no_product():
+def test_blur_and_bottleneck_conv3_keep_nothing():
     layers = kept_by(create_model("tresnet_tiny", norm="bn").train(), "fp32")
     assert not [n for n, v in layers.items() if n.endswith(".aa") and v > 0]
-    # layer3's Bottleneck: conv3 keeps nothing of its own (its input x * gate is recomputed)
-    assert layers.get("body.layer3.0.conv3.conv", 0) == 0
-    assert layers["body.layer4.0.conv3.conv"] > 0  # no SE in stage 4: conv3 keeps its input
+    # A Bottleneck's conv3 and its norm keep nothing of their own: they run again in backward from
+    # their input, which the block keeps (stride 2: the blur's output, kept by nothing else).
+    for stage in ("layer3", "layer4"):
+        assert not [n for n, v in layers.items() if n.startswith(f"body.{stage}.0.conv3") and v > 0]
+        assert layers[f"body.{stage}.0"] > 0
+    model = create_model("tresnet_tiny", norm="bn").train()
+    for m in model.modules():
+        if hasattr(m, "recompute_conv3"):
+            m.recompute_conv3 = False
+    assert kept_by(model, "fp32")["body.layer3.0.conv3.bn"] > 0  # kept when not recomputed
 
 
 @pytest.mark.skipif(not inplace_abn_available(), reason="inplace_abn is not installed")
@@ -116,6 +123,35 @@ def test_peak_step_runs_each_setting_in_a_fresh_process(tmp_path):
     assert 0 < ckpt["saved_bytes"] < plain["saved_bytes"]
     assert all(r["peak_rss_bytes"] >= r["rss_before_step_bytes"] > 0 for r in (plain, ckpt))
     assert "| tresnet_tiny (BatchNorm) + checkpointing | 64 | fp32 | 2 |" in json_path.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+def test_speed_times_each_variant_in_a_fresh_process_with_its_own_package(tmp_path):
+    """--speed: ours, ours with recompute_conv3 off, and the model of another checkout (here a folder
+    whose tresnet_train links to this one), each timed by a process importing the right package."""
+    bm = load_script()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "tresnet_train").symlink_to(bm.ROOT / "tresnet_train")
+    assert bm.main(["--speed", "1", "--speed-warmup", "1", "--speed-batch", "2", "--repeats", "1",
+                    "--models", "tresnet_tiny", "--norms", "bn", "--sizes", "32", "--precisions", "fp32",
+                    "--against", str(other), "--out-dir", str(tmp_path)]) == 0
+    (json_path,) = tmp_path.glob("*-cpu-memory-speed.json")
+    report = json.loads(json_path.read_text())
+    packages = {r["variant"]: r["package"] for r in report["results"]}
+    assert packages == {"ours": str(bm.ROOT / "tresnet_train"), "conv3_kept": str(bm.ROOT / "tresnet_train"),
+                        "against": str(other / "tresnet_train")}
+    (entry,) = report["ratios"]
+    assert all(v > 0 for v in entry["median_img_per_s"].values()) and len(entry["median_img_per_s"]) == 3
+    assert entry["ours_over_against"]["per_round"] == [entry["median_img_per_s"]["ours"]
+                                                       / entry["median_img_per_s"]["against"]]
+    assert "| tresnet_tiny (BatchNorm) | 32 | fp32 | 1 |" in json_path.with_suffix(".md").read_text()
+
+
+def test_against_must_be_a_checkout(tmp_path):
+    bm = load_script()
+    with pytest.raises(SystemExit):
+        bm.parse_args(["--speed", "1", "--against", str(tmp_path)])
 
 
 def test_batches_below_two_are_refused():

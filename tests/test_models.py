@@ -218,37 +218,59 @@ def test_drop_path_rises_linearly_over_blocks(name, randomize_norms):
 
 # --- gradient checkpointing ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, norm", [
-    ("tresnet_tiny", "bn"), pytest.param("tresnet_tiny", "iabn", marks=needs_iabn), ("resnest50d", "bn")])
-def test_grad_checkpointing_changes_no_output_gradient_or_running_statistic(name, norm, randomize_norms):
+def assert_same_step(plain, other, counted, runs: int, precision: str = "fp32"):
     """One training step with drop path: logits, every gradient, running statistics and batch counts
-    equal bit for bit with and without checkpointing, while every block does run twice (the
-    recomputation must not update the running statistics a second time)."""
-    plain = randomize_norms(create_model(name, norm=norm, drop_path_rate=0.2)).train()
-    ckpt = copy.deepcopy(plain)
-    ckpt.set_grad_checkpointing(True)
+    of `other` equal `plain`'s bit for bit, while the modules `counted(model)` lists run once each in
+    `plain` and `runs` times in `other` (the recomputation must not update the running statistics a
+    second time)."""
     x = torch.rand(2, 3, SMALL, SMALL)
     out = {}
-    for key, model in (("plain", plain), ("ckpt", ckpt)):
-        blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck, ResNestBottleneck))]
+    for key, model in (("plain", plain), ("other", other)):
+        modules = counted(model)
         calls = []
-        hooks = [b.register_forward_pre_hook(lambda *_: calls.append(1)) for b in blocks]
+        hooks = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in modules]
         torch.manual_seed(0)
-        y = model(x)
-        y.square().sum().backward()
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            y = model(x)
+        y.float().square().sum().backward()
         for h in hooks:
             h.remove()
-        out[key] = y.detach(), len(calls) / len(blocks)
-    assert out["plain"][1] == 1 and out["ckpt"][1] == 2
-    assert torch.equal(out["plain"][0], out["ckpt"][0])
-    grads = dict(ckpt.named_parameters())
+        out[key] = y.detach(), len(calls) / len(modules)
+    assert out["plain"][1] == 1 and out["other"][1] == runs
+    assert torch.equal(out["plain"][0], out["other"][0])
+    grads = dict(other.named_parameters())
     for pname, p in plain.named_parameters():
         assert torch.equal(p.grad, grads[pname].grad), pname
-    buffers = dict(ckpt.named_buffers())
+    buffers = dict(other.named_buffers())
     for bname, b in plain.named_buffers():
         assert torch.equal(b, buffers[bname]), bname
     with torch.no_grad():  # eval and no-grad forwards are untouched
-        assert torch.equal(plain.eval()(x), ckpt.eval()(x))
+        assert torch.equal(plain.eval()(x), other.eval()(x))
+
+
+@pytest.mark.parametrize("name, norm", [
+    ("tresnet_tiny", "bn"), pytest.param("tresnet_tiny", "iabn", marks=needs_iabn), ("resnest50d", "bn")])
+def test_grad_checkpointing_changes_no_output_gradient_or_running_statistic(name, norm, randomize_norms):
+    plain = randomize_norms(create_model(name, norm=norm, drop_path_rate=0.2)).train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing(True)
+    blocks = (BasicBlock, Bottleneck, ResNestBottleneck)
+    assert_same_step(plain, ckpt, lambda model: [m for m in model.modules() if isinstance(m, blocks)], runs=2)
+
+
+@pytest.mark.parametrize("norm, precision", [
+    ("bn", "fp32"), pytest.param("iabn", "fp32", marks=needs_iabn), pytest.param("iabn", "bf16", marks=needs_iabn)])
+def test_bottleneck_conv3_recompute_changes_no_output_gradient_or_running_statistic(norm, precision,
+                                                                                   randomize_norms):
+    """Each Bottleneck's conv3 (conv + norm) runs again in backward instead of keeping its output."""
+    recompute = randomize_norms(create_model("tresnet_tiny", norm=norm, drop_path_rate=0.2)).train()
+    kept = copy.deepcopy(recompute)
+    bottlenecks = [m for m in kept.modules() if isinstance(m, Bottleneck)]
+    assert bottlenecks and all(m.recompute_conv3 for m in bottlenecks)  # on by default
+    for m in bottlenecks:
+        m.recompute_conv3 = False
+    assert_same_step(kept, recompute, lambda model: [m.conv3 for m in model.modules() if isinstance(m, Bottleneck)],
+                     runs=2, precision=precision)
 
 
 def test_config_key_turns_grad_checkpointing_on():

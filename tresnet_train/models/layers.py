@@ -137,8 +137,14 @@ def checkpoint_blocks(blocks: Iterable[nn.Module], x: torch.Tensor) -> torch.Ten
     block keeps only its input for backward and runs again there. Dropout and drop-path masks repeat
     (the RNG state is replayed), and norms update their running statistics once per step, not twice."""
     for block in blocks:
-        x = checkpoint(_RunOnceStats(block), x)
+        x = checkpoint_module(block, x)
     return x
+
+
+def checkpoint_module(module: nn.Module, *args) -> torch.Tensor:
+    """`module(*args)` under activation checkpointing (timm's `checkpoint`): keeps only `args` for
+    backward and runs the module again there, its norms' running statistics updated once."""
+    return checkpoint(_RunOnceStats(module), *args)
 
 
 class _RunOnceStats:
@@ -148,12 +154,12 @@ class _RunOnceStats:
     def __init__(self, module: nn.Module):
         self.module, self.calls = module, 0
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *args) -> torch.Tensor:
         self.calls += 1
         if self.calls == 1:
-            return self.module(x)
+            return self.module(*args)
         with running_stats_frozen(self.module):
-            return self.module(x)
+            return self.module(*args)
 
 
 @contextmanager

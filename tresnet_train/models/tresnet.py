@@ -9,7 +9,8 @@ Follows the official code (https://github.com/Alibaba-MIIL/TResNet, src/models/t
 - anti-aliased downsampling: stride-1 conv, then a 3x3 binomial blur with stride 2;
 - shortcut downsampling: 2x2 average pool (ceil mode), then 1x1 conv-norm;
 - fast global average pooling, a linear classifier.
-`set_grad_checkpointing()` recomputes each residual block in backward instead of keeping its
+A Bottleneck recomputes its last conv and norm in backward (`recompute_conv3`) rather than keep
+their output. `set_grad_checkpointing()` recomputes each residual block in backward instead of keeping its
 activations (as timm's models: the stem is kept, every block of the four stages is checkpointed).
 State-dict keys equal timm's `tresnet_*` models, so timm weights load unchanged. `norm` picks
 BatchNorm2d + LeakyReLU or InPlace-ABN (see layers.resolve_norm_layer); keys are the same.
@@ -23,7 +24,7 @@ from timm.layers import DropPath, SpaceToDepth
 from torch import nn
 
 from tresnet_train.models.layers import (BlurPool2d, ConvNormAct, FastGlobalAvgPool, SqueezeExcite,
-                                         checkpoint_blocks, drop_path_rates, resolve_norm_layer,
+                                         checkpoint_blocks, checkpoint_module, drop_path_rates, resolve_norm_layer,
                                          zero_scale_)
 from tresnet_train.models.registry import TRESNET_DATA_CONFIG, register_model
 
@@ -68,6 +69,11 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.act = nn.ReLU(inplace=True)
+        # conv3 and its norm run again in backward from their input, which the graph keeps anyway
+        # (conv2's output, SE's gate), instead of keeping their output: (4 * planes, H, W) per image,
+        # 9.6 of TResNet-M's 42.3 MiB per image at 224 in fp32 (scripts/bench_memory.py), for one
+        # more 1x1 conv and norm per block. Bit-identical results (layers.checkpoint_module).
+        self.recompute_conv3 = True
 
     def zero_init_last(self) -> None:
         zero_scale_(self.conv3.bn)
@@ -76,7 +82,13 @@ class Bottleneck(nn.Module):
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.conv2(self.conv1(x))
         # SE's gated product feeds conv3 only: recomputed in backward instead of kept (gated_conv2d).
-        out = self.conv3(out, gate=self.se.attention(out) if self.se is not None else None)
+        gate = self.se.attention(out) if self.se is not None else None
+        # Under torch.compile the partitioner picks what to recompute (and a checkpointed call that
+        # freezes running statistics cannot be traced).
+        if self.recompute_conv3 and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            out = checkpoint_module(self.conv3, out, gate)
+        else:
+            out = self.conv3(out, gate=gate)
         return self.act(self.drop_path(out) + shortcut)
 
 
@@ -163,8 +175,12 @@ class TResNet(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Keep only each residual block's input for backward and recompute the block there
-        (layers.checkpoint_blocks): less memory, about one more forward per step."""
+        (layers.checkpoint_blocks): less memory, about one more forward per step. The Bottlenecks'
+        own conv3 recomputation is then turned off: the whole block runs again anyway."""
         self.grad_checkpointing = enable
+        for m in self.modules():
+            if isinstance(m, Bottleneck):
+                m.recompute_conv3 = not enable
 
     def get_classifier(self) -> nn.Module:
         return self.head.fc
