@@ -61,6 +61,30 @@ def test_inplace_abn_under_autocast_on_cuda(train_mode, dtype):
         assert all(torch.isfinite(p.grad).all() for p in iabn.parameters())
 
 
+@pytest.mark.parametrize("norm", [
+    "bn", pytest.param("iabn", marks=pytest.mark.skipif(not inplace_abn_available(),
+                                                        reason="inplace_abn is not installed"))])
+def test_bottleneck_conv3_recompute_is_bit_identical_on_the_gpu(norm):
+    """The GPU defaults (bf16 autocast, channels-last, cuDNN autotuning): recomputing each Bottleneck's
+    conv3 and norm in backward gives the gradients and running statistics of keeping their output."""
+    import copy
+    device = torch.device("cuda", 0)
+    torch.backends.cudnn.benchmark = True
+    recompute = create_model("tresnet_tiny", norm=norm).to(device, memory_format=torch.channels_last).train()
+    kept = copy.deepcopy(recompute)
+    for m in kept.modules():
+        if hasattr(m, "recompute_conv3"):
+            m.recompute_conv3 = False
+    x = torch.rand(8, 3, 64, 64, device=device).to(memory_format=torch.channels_last)
+    for model in (recompute, kept):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x).float().square().mean().backward()
+    for (name, a), b in zip(recompute.named_parameters(), kept.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    for (name, a), b in zip(recompute.named_buffers(), kept.buffers()):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
 def test_dali_mixed_decoding_resumes_mid_epoch_on_the_gpu(tmp_path, digits):
     """The GPU defaults end to end in one process: DALI `mixed` decoding, InPlace-ABN when installed,
