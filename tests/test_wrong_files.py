@@ -9,20 +9,18 @@ import sys
 import pytest
 import torch
 
-from trainer_helpers import ROOT, env, tiny_overrides, train
+from trainer_helpers import ROOT, env
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, digits):
-    """A text file, an empty file, a YAML config, a truncated and a whole tresnet_tiny checkpoint."""
+def files(tmp_path_factory, reference):
+    """A text file, an empty file, a YAML config, a truncated and a whole tresnet_tiny checkpoint (the
+    shared reference run's, read only)."""
     folder = tmp_path_factory.mktemp("files")
-    run = folder / "run"
-    proc = train(tiny_overrides(run, digits, **{"train.epochs": 1, "train.steps_per_epoch": 2}))
-    assert proc.returncode == 0, proc.stderr
-    whole = (run / "last.pth").read_bytes()
+    whole = (reference.out / "last.pth").read_bytes()
     paths = {"text": folder / "notes.txt", "empty": folder / "empty.pth",
              "yaml": ROOT / "configs" / "demo.yaml", "truncated": folder / "truncated.pth",
-             "tiny": run / "last.pth"}
+             "tiny": reference.out / "last.pth"}
     paths["text"].write_text("101 things to do\n")
     paths["empty"].write_bytes(b"")
     paths["truncated"].write_bytes(whole[: len(whole) // 2])
