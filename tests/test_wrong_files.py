@@ -3,6 +3,7 @@ from train.py (model.init_from, model.pretrained, run.resume) and validate.py al
 source that does not match its folder."""
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 from trainer_helpers import ROOT, env
+from tresnet_train.cli import train_main
+from tresnet_train.validation import main as validate_main
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +40,43 @@ def _one_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
     assert len(lines) == 1 and all(n in lines[0] for n in needles), proc.stderr
 
 
+def _train_argv(tmp_path, *overrides: str) -> list[str]:
+    return ["--config", str(ROOT / "configs" / "demo.yaml"), f"run.output_dir={tmp_path / 'out'}",
+            "run.device=cpu", *overrides]
+
+
 def _train_py(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", "--config", "configs/demo.yaml",
-                           f"run.output_dir={tmp_path / 'out'}", "run.device=cpu", *overrides],
+    return subprocess.run([sys.executable, "train.py", *_train_argv(tmp_path, *overrides)],
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
 
 
-@pytest.mark.slow
+def _in_process(main, argv: list[str], capsys) -> subprocess.CompletedProcess:
+    """`main(argv)` of train.py or validate.py in this process, as its script would exit (no torch
+    import per call): what `_one_line` reads. Refusals found before anything is built need no fresh
+    process; test_train_py_refuses_another_models_checkpoint runs train.py itself."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    capsys.readouterr()
+    try:
+        rc = main(argv)
+    finally:  # validate.py's main() installs its console handler on the root logger; give pytest's back
+        root.handlers[:], root.level = handlers, level
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, rc, out, err)
+
+
+# torch's @record around train_main enables a fault handler on stderr, which pytest's capture has no
+# file descriptor for: it warns and carries on (a real train.py gets one).
+NO_STDERR_FD = pytest.mark.filterwarnings("ignore:Unable to enable fault handler:UserWarning")
+
+
+@NO_STDERR_FD
 @pytest.mark.parametrize("kind", ["text", "empty", "yaml", "truncated"])
-def test_train_py_names_the_key_and_the_file(tmp_path, files, kind):
+def test_train_py_names_the_key_and_the_file(tmp_path, files, kind, capsys):
     key = {"text": "model.init_from", "empty": "model.pretrained", "yaml": "run.resume",
            "truncated": "model.init_from"}[kind]
-    _one_line(_train_py(tmp_path, f"{key}={files[kind]}"), f"'{key}'", str(files[kind]),
-              EXPECTED[kind])
+    proc = _in_process(train_main, _train_argv(tmp_path, f"{key}={files[kind]}"), capsys)
+    _one_line(proc, f"'{key}'", str(files[kind]), EXPECTED[kind])
 
 
 @pytest.mark.slow
@@ -59,21 +86,19 @@ def test_train_py_refuses_another_models_checkpoint(tmp_path, files, key):
     _one_line(proc, str(files["tiny"]), "fit")
 
 
-@pytest.mark.slow
-def test_digits_source_on_another_dataset_names_the_key(tmp_path, files):
+@NO_STDERR_FD
+def test_digits_source_on_another_dataset_names_the_key(tmp_path, files, capsys):
     folder = tmp_path / "photos"
     (folder / "train" / "cat").mkdir(parents=True)
-    _one_line(_train_py(tmp_path, f"data.root={folder}"), "'data.source' is digits", str(folder),
-              "data.source=folder")
+    proc = _in_process(train_main, _train_argv(tmp_path, f"data.root={folder}"), capsys)
+    _one_line(proc, "'data.source' is digits", str(folder), "data.source=folder")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["text", "empty", "yaml", "truncated", "tiny"])
-def test_validate_py_names_the_file(tmp_path, files, digits, kind):
+def test_validate_py_names_the_file(tmp_path, files, digits, kind, capsys):
     extra = ["--model", "tresnet_m"] if kind == "tiny" else []
-    proc = subprocess.run([sys.executable, "validate.py", "--ckpt", str(files[kind]), "--data",
-                           str(digits), "--device", "cpu", *extra], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=900)
+    proc = _in_process(validate_main, ["--ckpt", str(files[kind]), "--data", str(digits),
+                                       "--device", "cpu", "--workers", "0", *extra], capsys)
     _one_line(proc, str(files[kind]), EXPECTED[kind])
     assert "weights_only=False" not in proc.stderr  # never advise unsafe loading
 
