@@ -3,14 +3,13 @@ from train.py (model.init_from, model.pretrained, run.resume) and validate.py al
 source that does not match its folder."""
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from trainer_helpers import ROOT, env
+from trainer_helpers import NO_STDERR_FD, ROOT, env, main_in_process
 from tresnet_train.cli import train_main
 from tresnet_train.validation import main as validate_main
 
@@ -50,32 +49,12 @@ def _train_py(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
 
 
-def _in_process(main, argv: list[str], capsys) -> subprocess.CompletedProcess:
-    """`main(argv)` of train.py or validate.py in this process, as its script would exit (no torch
-    import per call): what `_one_line` reads. Refusals found before anything is built need no fresh
-    process; test_train_py_refuses_another_models_checkpoint runs train.py itself."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    capsys.readouterr()
-    try:
-        rc = main(argv)
-    finally:  # validate.py's main() installs its console handler on the root logger; give pytest's back
-        root.handlers[:], root.level = handlers, level
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, rc, out, err)
-
-
-# torch's @record around train_main enables a fault handler on stderr, which pytest's capture has no
-# file descriptor for: it warns and carries on (a real train.py gets one).
-NO_STDERR_FD = pytest.mark.filterwarnings("ignore:Unable to enable fault handler:UserWarning")
-
-
 @NO_STDERR_FD
 @pytest.mark.parametrize("kind", ["text", "empty", "yaml", "truncated"])
 def test_train_py_names_the_key_and_the_file(tmp_path, files, kind, capsys):
     key = {"text": "model.init_from", "empty": "model.pretrained", "yaml": "run.resume",
            "truncated": "model.init_from"}[kind]
-    proc = _in_process(train_main, _train_argv(tmp_path, f"{key}={files[kind]}"), capsys)
+    proc = main_in_process(train_main, _train_argv(tmp_path, f"{key}={files[kind]}"), capsys)
     _one_line(proc, f"'{key}'", str(files[kind]), EXPECTED[kind])
 
 
@@ -90,14 +69,14 @@ def test_train_py_refuses_another_models_checkpoint(tmp_path, files, key):
 def test_digits_source_on_another_dataset_names_the_key(tmp_path, files, capsys):
     folder = tmp_path / "photos"
     (folder / "train" / "cat").mkdir(parents=True)
-    proc = _in_process(train_main, _train_argv(tmp_path, f"data.root={folder}"), capsys)
+    proc = main_in_process(train_main, _train_argv(tmp_path, f"data.root={folder}"), capsys)
     _one_line(proc, "'data.source' is digits", str(folder), "data.source=folder")
 
 
 @pytest.mark.parametrize("kind", ["text", "empty", "yaml", "truncated", "tiny"])
 def test_validate_py_names_the_file(tmp_path, files, digits, kind, capsys):
     extra = ["--model", "tresnet_m"] if kind == "tiny" else []
-    proc = _in_process(validate_main, ["--ckpt", str(files[kind]), "--data", str(digits),
+    proc = main_in_process(validate_main, ["--ckpt", str(files[kind]), "--data", str(digits),
                                        "--device", "cpu", "--workers", "0", *extra], capsys)
     _one_line(proc, str(files[kind]), EXPECTED[kind])
     assert "weights_only=False" not in proc.stderr  # never advise unsafe loading
