@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from data_helpers import real_photos
-from trainer_helpers import (ROOT, assert_same_weights, env, kill_run, load, start_train,
-                             tiny_overrides, train, wait_for_step)
+from trainer_helpers import (NO_STDERR_FD, ROOT, assert_same_weights, env, kill_run, load,
+                             main_in_process, start_train, tiny_overrides, train, wait_for_step)
 from tresnet_train import checkpoint
+from tresnet_train.cli import train_main
 from tresnet_train.run_lock import LOCK_NAME
 
 
@@ -265,7 +266,7 @@ def test_crafted_pickle_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.slow
+@NO_STDERR_FD
 @pytest.mark.parametrize("overrides, needle", [
     (["optim.lrr=1"], "unknown config key 'optim.lrr'; did you mean lr"),
     (["optim.lr=abc"], "config key 'optim.lr': expected float"),
@@ -276,24 +277,23 @@ def test_crafted_pickle_is_refused_and_never_runs(tmp_path):
     (["data.source=folder", "data.root=REAL_MINI", "model.num_classes=1000"],
      "model.num_classes' is 1000 but"),
 ])
-def test_bad_configs_fail_fast_with_exit_2(tmp_path, overrides, needle):
+def test_bad_configs_fail_fast_with_exit_2(tmp_path, overrides, needle, capsys):
+    """train.py's main in this process (test_config.py runs train.py itself on a bad config)."""
     if any("REAL_MINI" in o for o in overrides):
         overrides = [o.replace("REAL_MINI", str(real_photos("imagenette-mini-96"))) for o in overrides]
-    proc = subprocess.run([sys.executable, "train.py", "--config", "configs/demo.yaml",
-                           f"run.output_dir={tmp_path / 'run'}", *overrides], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=600)  # a hang guard, not a pace
+    proc = main_in_process(train_main, ["--config", str(ROOT / "configs" / "demo.yaml"),
+                                        f"run.output_dir={tmp_path / 'run'}", *overrides], capsys)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("config error:") and needle in lines[0], proc.stderr
     assert not (tmp_path / "run").exists()  # failed before anything was started
 
 
-@pytest.mark.slow
-def test_base_cycle_fails_fast(tmp_path):
+@NO_STDERR_FD
+def test_base_cycle_fails_fast(tmp_path, capsys):
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
-    proc = subprocess.run([sys.executable, "train.py", "--config", str(tmp_path / "a.yaml")],
-                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    proc = main_in_process(train_main, ["--config", str(tmp_path / "a.yaml")], capsys)
     assert proc.returncode == 2 and "cycle" in proc.stderr
 
 

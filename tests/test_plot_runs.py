@@ -1,4 +1,4 @@
-"""scripts/plot_runs.py: one PNG from real runs (a short CPU training run), and its refusals."""
+"""scripts/plot_runs.py: one PNG from real runs (the shared short CPU training run), and its refusals."""
 import json
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from trainer_helpers import ROOT, tiny_overrides, train
+from trainer_helpers import ROOT
 
 pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install -e '.[plot]')")
 Image = pytest.importorskip("PIL.Image")
@@ -19,13 +19,11 @@ def plot(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_plots_real_runs_overlaid(tmp_path, digits):
-    run = tmp_path / "tiny"
-    proc = train(tiny_overrides(run, digits, **{"train.steps_per_epoch": 4}))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def test_plots_real_runs_overlaid(tmp_path, reference):
+    run = reference.out  # the shared reference run, read only
     # A second run of the same name (the legend then shows paths) that was resumed (its last steps
     # logged twice), is still writing (a half line at the end) and has half the loss.
-    other = tmp_path / "other" / "tiny"
+    other = tmp_path / "other" / run.name
     other.mkdir(parents=True)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     records = [{k: v / 2 if k == "train/loss" else v for k, v in r.items()} for r in records]

@@ -11,6 +11,7 @@ the user command's full rehearsal, to keep the suite inside its budget.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from tresnet_train.models.layers import inplace_abn_available
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 DATA = find_real_photos("imagenette-mini-96")  # 10 classes, 40 train + 10 val photos each
+VAL_PER_CLASS = 2  # val photos the rehearsals see: 20, 10 per process (a full batch of 8 and a partial one)
 needs_data = pytest.mark.skipif(
     DATA is None, reason=f"real photos not found: set ${DATA_ENV} to a folder holding "
                          f"imagenette-mini-96/ (ImageNet-style, train/ and val/)")
@@ -127,11 +129,24 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert "data.batch_size" in capsys.readouterr().err  # sizes are the rehearsal's own
 
 
+def _few_val_photos(dst: Path) -> Path:
+    """DATA with VAL_PER_CLASS val photos per class (all train photos, copied): the rehearsal's steps
+    are fixed, but each of its validations (two trainer epochs, validate.py) goes through the whole
+    val folder, and the checks compare those runs' top-1 and loss with each other, not with a level."""
+    shutil.copytree(DATA / "train", dst / "train")
+    for folder in sorted((DATA / "val").iterdir()):
+        (dst / "val" / folder.name).mkdir(parents=True)
+        for photo in sorted(folder.iterdir())[:VAL_PER_CLASS]:
+            shutil.copy2(photo, dst / "val" / folder.name / photo.name)
+    return dst
+
+
 def _rehearse(subset: str, tmp_path: Path, cuda: bool) -> tuple[subprocess.CompletedProcess, dict]:
     configs, backends, extra = SUBSETS[subset]
+    data = _few_val_photos(tmp_path / "data")
     out = tmp_path / "report.json"
     run_env = env() if cuda else dict(env(), CUDA_VISIBLE_DEVICES="")  # the CPU path anywhere
-    command = [sys.executable, "-m", "tresnet_train.rehearse", *configs, "--data", str(DATA),
+    command = [sys.executable, "-m", "tresnet_train.rehearse", *configs, "--data", str(data),
                "--backends", backends, *extra, "--out", str(tmp_path / "runs"), "--json", str(out)]
     proc = subprocess.run(command, cwd=ROOT, env=run_env, capture_output=True, text=True,
                           timeout=3600)

@@ -211,23 +211,24 @@ def seconds_per_step(run: Path) -> float:
 
 @pytest.mark.slow
 def test_time_limit_chain(cluster, tiny, reference, tmp_path):
-    """--time=3 with the warning 60 s before: SLURM's own USR1 stops each allocation until the run ends.
+    """--time=2 with the warning 30 s before: SLURM's own USR1 stops each allocation until the run ends.
 
-    SLURM sends the warning up to ~30 s early (it checks every 30 s), so 90-120 s into each
-    allocation; the run is sized to 160 s of training at the last measured pace, so it needs a second
-    allocation unless the machine gets faster than that: a run that never resumed proves nothing and
-    is redone, longer, at the pace it just showed (at most twice). A slower machine only means more
-    allocations: the checks below hold for any number of them, and each start still trains for the
-    minute or more between its start-up and the warning."""
+    SLURM sends the warning up to ~30 s early (it checks every 30 s), so 60-90 s into each 2-minute
+    allocation (the shortest --time is one minute), which leaves the stopped trainer 30 s or more to
+    checkpoint and exit before the limit; the run is sized to 110 s of training at the last measured
+    pace, so it needs a second allocation unless the machine gets faster than that: a run that never
+    resumed proves nothing and is redone, longer, at the pace it just showed (at most twice). A slower
+    machine only means more allocations: the checks below hold for any number of them, and each start
+    still trains for the 40 s or more between its start-up and the warning."""
     pace = reference[3]
     for attempt in range(3):
-        total = math.ceil(160 / pace)
+        total = math.ceil(110 / pace)
         epochs = math.ceil(total / 80)  # digits has 89 batches of 16 per epoch
         steps = math.ceil(total / epochs)
         run = tmp_path / f"run{attempt}"
         args = [*tiny, f"train.epochs={epochs}", f"train.steps_per_epoch={steps}", f"run.output_dir={run}"]
-        job = submit(cluster, tmp_path, "train.sbatch", *args, sbatch=("--time=3", "--signal=B:USR1@60"))
-        info = cluster.wait(job, timeout=2 * HANG_GUARD)  # several allocations of 3 min
+        job = submit(cluster, tmp_path, "train.sbatch", *args, sbatch=("--time=2", "--signal=B:USR1@30"))
+        info = cluster.wait(job, timeout=2 * HANG_GUARD)  # several allocations of 2 min
         log = final_log(run, job)
         assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log[-3000:])
         if re.search(r"resumed from \S+\.pth", log):

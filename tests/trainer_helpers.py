@@ -1,6 +1,7 @@
 """Shared pieces of the trainer tests: tiny CPU configs and launching train.py for real."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,3 +93,23 @@ def assert_same_weights(a: dict, b: dict, keys=("model", "ema")) -> None:
         assert a[key].keys() == b[key].keys()
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+
+
+def main_in_process(main, argv: list[str], capsys) -> subprocess.CompletedProcess:
+    """`main(argv)` of train.py or validate.py (tresnet_train.cli.train_main, .validation.main) in
+    this process, as its script would exit: no torch import per call. For refusals found before
+    anything is built; tests/test_config.py and test_wrong_files.py run the scripts themselves."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    capsys.readouterr()
+    try:
+        rc = main(argv)
+    finally:  # validate.py's main() installs its console handler on the root logger; give pytest's back
+        root.handlers[:], root.level = handlers, level
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, rc, out, err)
+
+
+# torch's @record around train_main enables a fault handler on stderr, which pytest's capture has no
+# file descriptor for: it warns and carries on (a real train.py gets one).
+NO_STDERR_FD = pytest.mark.filterwarnings("ignore:Unable to enable fault handler:UserWarning")
