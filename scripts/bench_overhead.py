@@ -4,8 +4,8 @@
 
 On the same model, photos, batch, loader workers and steps, images/s of:
 - bare: loader -> forward -> loss -> backward -> optimizer step, nothing else, with this package's
-  loader for each backend (exactly as train.py builds it), and `bare_timm` with timm's `create_loader`
-  (a plain timm training script);
+  model, optimizer (timm's SGD and weight-decay groups) and loader for each backend, built by
+  train.py's own builders, and `bare_timm` with timm's `create_loader` (a plain timm training script);
 - train.py, recipe extras off (`trainpy`): no EMA, mixup, RandAugment or label smoothing; logging
   and TensorBoard on;
 - train.py, full recipe (`trainpy_full`): EMA, mixup 0.2, RandAugment rand-m9-mstd0.5-inc1, label
@@ -138,13 +138,14 @@ class StepClock:
 
 
 def our_loader(args, backend: str, device: torch.device):
-    """This package's train loader, built by `build_loaders` exactly as train.py builds it."""
+    """This package's model and train loader, built by train.py's own builders from its config."""
     from tresnet_train.config import load_config
     from tresnet_train.data import build_loaders
     from tresnet_train.distributed import World
-    from tresnet_train.models import create_model, get_data_config
+    from tresnet_train.models import get_data_config
+    from tresnet_train.trainer import build_model
     cfg = load_config(None, overrides(args, backend, "bare"))
-    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, norm=cfg.model.norm)
+    model = build_model(cfg, device)
     train_loader, _ = build_loaders(cfg, get_data_config(model), World(), device)
     return model, train_loader
 
@@ -171,6 +172,8 @@ def endless(loader):
 
 def measure(args) -> dict:
     """One variant in this process: {'img_per_s': ...}."""
+    from tresnet_train.config import OptimConfig
+    from tresnet_train.optim import build_optimizer
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -185,8 +188,8 @@ def measure(args) -> dict:
             clock.tick(step)
         return {"img_per_s": clock.img_per_s(args.steps * args.batch)}
     model = model.to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1 * args.batch / 256, momentum=0.9,
-                                nesterov=True, weight_decay=1e-4)
+    # train.py's optimizer: timm's SGD, Nesterov, no weight decay on norms and biases
+    optimizer = build_optimizer(model, OptimConfig(), lr=0.1 * args.batch / 256)
     autocast = torch.autocast("cuda", torch.bfloat16) if amp(args.device) == "bf16" else None
     for step in range(total):
         images, targets = next(batches)

@@ -5,6 +5,7 @@ speed switch on (channels_last, torch.compile, bf16, accumulation, clipping)."""
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ from timm.loss import BinaryCrossEntropy
 
 from trainer_helpers import load, tiny_overrides, train
 from tresnet_train.config import load_config
-from tresnet_train.engine import NoEMA, StepParts, grouped, train_step
+from tresnet_train.data.plan import Stream, rng
+from tresnet_train.engine import NoEMA, StepParts, grouped, seed_step, train_step
 from tresnet_train.losses import CrossEntropy, build_batch_augment, build_criterion
 from tresnet_train.precision import GradClipper, Precision
 
@@ -50,6 +52,20 @@ def test_accumulating_two_half_batches_equals_one_full_batch():
     half_only = small_model()
     run_steps(half_only, halves[::2], 1, Precision("none", torch.device("cpu")))
     assert not torch.allclose(next(full.parameters()), next(half_only.parameters()), atol=1e-6)
+
+
+def test_seed_step_draws_what_torch_manual_seed_drew():
+    """The per-step reseed gives torch, numpy and `random` the streams `torch.manual_seed` and the
+    step's seeds give them, so runs (and checkpoints) from before and after it draw the same."""
+    torch_seed, other_seed = rng(Stream.STEP, 3, 1, 7).integers(2**32, size=2)
+    torch.manual_seed(int(torch_seed))
+    np.random.seed(int(other_seed))
+    random.seed(int(other_seed))
+    expected = torch.rand(3), np.random.rand(3), random.random()
+    seed_step(3, 1, 7)
+    drawn = torch.rand(3), np.random.rand(3), random.random()
+    assert torch.equal(drawn[0], expected[0])
+    assert np.array_equal(drawn[1], expected[1]) and drawn[2] == expected[2]
 
 
 @pytest.mark.parametrize("amp", ["none", "fp16"])
