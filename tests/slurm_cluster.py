@@ -201,10 +201,12 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
             out.append(f"--- {f.name}\n" + "\n".join(lines))
         return "\n".join(out)
 
-    def node_state(self) -> str:
+    def node_state(self, flags: bool = False) -> str:
+        """The node's state, e.g. IDLE; with `flags`, as SLURM writes it, e.g. IDLE+COMPLETING."""
         r = self.run("scontrol", "show", "node", "localhost", check=False)
         m = re.search(r"State=(\S+)", r.stdout)
-        return m.group(1).split("+")[0] if m else ""
+        state = m.group(1) if m else ""
+        return state if flags else state.split("+")[0]
 
     def stop(self) -> None:
         """Cancel this cluster's jobs, then end each daemon we started, by its PID."""
@@ -258,29 +260,39 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
     FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
              "DEADLINE", "PREEMPTED")
 
-    def wait(self, job_id: int, until=FINAL, timeout: float = 300, poll: float = 1.0,
-             release_after: float | None = 3.0) -> dict[str, str]:
+    def old_start_ended(self, job_id: int) -> bool:
+        """Whether the previous start of a requeued job has ended everywhere: its slurmstepd processes
+        have exited (they send the old batch step's exit status) and the node is no longer COMPLETING
+        (slurmctld has heard that the old allocation is cleaned up)."""
+        return not self.step_processes(job_id) and "COMPLETING" not in self.node_state(flags=True)
+
+    def wait(self, job_id: int, until=FINAL, timeout: float = 300, poll: float = 0.25) -> dict[str, str]:
         """Poll `scontrol show job` every `poll` s (much faster than `sbatch --wait`) until JobState is in
         `until` (or `until(info)` is true, for a callable). `timeout` s is a hang guard.
 
         SLURM holds a requeued job ~2 min (Reason=BeginTime) so that its previous start can finish
-        reporting; we release it (`StartTime=now`) once that start's slurmstepd processes have exited
-        (they send the old batch step's exit status, which would otherwise land on the new start:
-        measured when releasing at once) and `release_after` s of hold have passed. The first condition
-        is what makes it safe on a loaded machine, where the old steps take longer to end."""
-        t0, held_since = time.monotonic(), None
+        reporting; we release it (`StartTime=now`) as soon as that is done, which two things decide:
+          * `old_start_ended`: releasing before the old slurmstepd processes exited let the old batch
+            step's exit status land on the new start (measured);
+          * the clock has entered a later second than the one in which the old start was seen ended:
+            slurmd revoked the old start's credential (whole seconds) when it began ending it, and it
+            refuses a new one created in that same second ("Job credential revoked", measured: the
+            job then fails with exit 1).
+        Both are conditions, not fixed waits, so the release stays safe on a loaded machine, where the
+        old start takes longer to end."""
+        t0, ended_second = time.monotonic(), None
         while True:
             info = self.job(job_id)
             if until(info) if callable(until) else info.get("JobState") in until:
                 return info
             if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-                held_since = held_since or time.monotonic()
-                if (release_after is not None and time.monotonic() - held_since >= release_after
-                        and not self.step_processes(job_id)):
+                if ended_second is None and self.old_start_ended(job_id):
+                    ended_second = int(time.time())
+                if ended_second is not None and int(time.time()) > ended_second:
                     self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
-                    held_since = None
+                    ended_second = None
             else:
-                held_since = None
+                ended_second = None
             if time.monotonic() - t0 > timeout:
                 raise TimeoutError(f"job {job_id} not in {until} after {timeout:.0f}s: {info}\n"
                                    f"{self.tail_logs()}")

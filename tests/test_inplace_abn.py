@@ -8,11 +8,12 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from tests.trainer_helpers import load, tiny_overrides, train
+from tests.trainer_helpers import load, main_in_process, tiny_overrides, train
 from tresnet_train.config import OptimConfig
 from tresnet_train.models import create_model, export_timm_state_dict
 from tresnet_train.models.layers import inplace_abn_available, inplace_abn_layers
 from tresnet_train.optim import build_optimizer
+from tresnet_train.validation import main as validate_main
 
 pytestmark = pytest.mark.skipif(not inplace_abn_available(),
                                 reason="inplace_abn is not installed (pip install "
@@ -107,21 +108,17 @@ def test_autocast_runs_inplace_abn_in_a_precision_its_kernels_have(train_mode, d
 
 # --- the trainer's path -------------------------------------------------------------------------
 
-def _val_top1(ckpt, digits, tmp_path) -> float:
-    import subprocess
-    import sys
-
-    from tests.trainer_helpers import ROOT, env
+def _val_top1(ckpt, digits, tmp_path, capsys) -> float:
+    """validate.py's top-1, from its main() run in this process (no second torch import)."""
     out = tmp_path / "val.json"
-    proc = subprocess.run([sys.executable, "validate.py", "--ckpt", str(ckpt), "--data", str(digits),
-                           "--no-ema", "--workers", "0", "--json", str(out)], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=900)
+    proc = main_in_process(validate_main, ["--ckpt", str(ckpt), "--data", str(digits), "--no-ema",
+                                           "--workers", "0", "--json", str(out)], capsys)
     assert proc.returncode == 0, proc.stderr
     return json.loads(out.read_text())["top1"]
 
 
 @pytest.mark.slow
-def test_iabn_run_validates_resumes_and_initialises_the_next(tmp_path, digits):
+def test_iabn_run_validates_resumes_and_initialises_the_next(tmp_path, digits, capsys):
     """The reported failure, end to end: an InPlace-ABN run's best.pth validates (BatchNorm) at the
     top-1 the trainer logged, the run resumes for another epoch, and a fine-tuning run starts from it."""
     run = tmp_path / "run"
@@ -130,7 +127,7 @@ def test_iabn_run_validates_resumes_and_initialises_the_next(tmp_path, digits):
     assert proc.returncode == 0, proc.stderr
     best = load(run / "best.pth")
     trainer_top1 = best["val"]["model_top1"]
-    assert _val_top1(run / "best.pth", digits, tmp_path) == pytest.approx(trainer_top1, abs=1e-6)
+    assert _val_top1(run / "best.pth", digits, tmp_path, capsys) == pytest.approx(trainer_top1, abs=1e-6)
 
     proc = train(tiny_overrides(run, digits, **iabn, **{"train.epochs": 3}))
     assert proc.returncode == 0, proc.stderr

@@ -98,7 +98,8 @@ def assert_same_weights(a: dict, b: dict, keys=("model", "ema")) -> None:
 def main_in_process(main, argv: list[str], capsys) -> subprocess.CompletedProcess:
     """`main(argv)` of train.py or validate.py (tresnet_train.cli.train_main, .validation.main) in
     this process, as its script would exit: no torch import per call. For refusals found before
-    anything is built; tests/test_config.py and test_wrong_files.py run the scripts themselves."""
+    anything is built and for validate.py on a tiny run (cheap in-process); tests/test_config.py and
+    test_wrong_files.py run the scripts themselves."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     capsys.readouterr()
