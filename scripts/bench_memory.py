@@ -250,18 +250,21 @@ def peak_step_child(spec: dict, args) -> dict:
             "peak_rss_bytes": peak, "step_seconds": time.perf_counter() - start}
 
 
+def run_child(flag: str, spec: dict, args) -> dict:
+    """This script in a fresh process for one setting (`--peak-child` or `--speed-child`): its result."""
+    child = subprocess.run([sys.executable, str(Path(__file__).resolve()), flag, json.dumps(spec),
+                            "--device", args.device, "--num-classes", str(args.num_classes)],
+                           capture_output=True, text=True)
+    if child.returncode != 0:
+        raise SystemExit(f"{flag} {spec} failed:\n{child.stderr}")
+    return json.loads(child.stdout.splitlines()[-1])
+
+
 def peak_steps(args, report: dict, write) -> None:
     """Run peak_step_child for every setting, each in a fresh process (a peak RSS never goes down)."""
-    script = str(Path(__file__).resolve())
     for row in rows(args):
         for precision in args.precisions.split(","):
-            spec = {**row, "precision": precision, "batch": args.peak_step}
-            child = subprocess.run([sys.executable, script, "--peak-child", json.dumps(spec),
-                                    "--device", args.device, "--num-classes", str(args.num_classes)],
-                                   capture_output=True, text=True)
-            if child.returncode != 0:
-                raise SystemExit(f"--peak-step {spec} failed:\n{child.stderr}")
-            r = json.loads(child.stdout.splitlines()[-1])
+            r = run_child("--peak-child", {**row, "precision": precision, "batch": args.peak_step}, args)
             report["results"].append(r)
             print(f"{label(r):<45} @{r['size']:<4} {precision} batch {r['batch']}: saved "
                   f"{r['saved_bytes'] / MIB:8.1f} MiB, RSS {r['rss_before_step_bytes'] / MIB:8.1f} MiB "
@@ -335,7 +338,6 @@ def speed_child(spec: dict, args) -> dict:
 def speed_rounds(args, report: dict, write) -> None:
     """speed_child for every setting and variant, each in a fresh process, variants interleaved in
     rounds (load on a shared machine then hits them alike)."""
-    script = str(Path(__file__).resolve())
     variants = ["ours", "conv3_kept"] + (["against"] if args.against else [])
     for rnd in range(args.repeats):
         for row in [r for r in rows(args) if not r["checkpointing"]]:
@@ -344,12 +346,7 @@ def speed_rounds(args, report: dict, write) -> None:
                     path = str(Path(args.against).resolve() if variant == "against" else ROOT)
                     spec = {**row, "precision": precision, "batch": args.speed_batch, "steps": args.speed,
                             "warmup": args.speed_warmup, "variant": variant, "round": rnd, "root": path}
-                    child = subprocess.run([sys.executable, script, "--speed-child", json.dumps(spec),
-                                            "--device", args.device, "--num-classes", str(args.num_classes)],
-                                           capture_output=True, text=True)
-                    if child.returncode != 0:
-                        raise SystemExit(f"--speed {spec} failed:\n{child.stderr}")
-                    r = json.loads(child.stdout.splitlines()[-1])
+                    r = run_child("--speed-child", spec, args)
                     if Path(r["package"]).parent != Path(path):
                         raise SystemExit(f"--speed {variant}: timed {r['package']}, not the package in {path}")
                     report["results"].append(r)
