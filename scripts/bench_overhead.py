@@ -17,17 +17,25 @@ On the same model, photos, batch, loader workers and steps, images/s of:
 Each measurement runs in a fresh process. The variants are interleaved in rounds (on a shared or
 loaded machine, load then hits all of them alike) and each is reported as the median over rounds;
 ratios are the medians of the per-round ratios. Steady state: images/s over the --steps steps after
---warmup untimed ones (worker start-up, first epoch set-up); train.py's numbers come from its own
-metrics.jsonl windows over the same steps (run.log_every divides --warmup). A folder of small photos
-makes decoding unrealistically cheap: --upscale-from SRC fills --data first with photos resized to
---upscale-size (default 320x320).
+--warmup untimed ones (worker start-up, first epoch set-up), between two wall-clock stamps: the bare
+loop's own, and for train.py the times of its metrics.jsonl records at those steps (run.log_every
+divides --warmup), so its logging counts. A folder of small photos makes decoding unrealistically
+cheap: --upscale-from SRC fills --data first with photos resized to --upscale-size (default 320x320).
+
+--turns S: a round's measurements run side by side, taking turns of S seconds each while the others
+are stopped (SIGSTOP to the process group, loader workers included), and each counts only its own
+turns. A CPU whose speed drifts by several percent over minutes (a shared VM) then slows every
+variant alike, and the ratios resolve differences of 1-2% that one-after-another runs cannot. Meant
+for CPU runs: a stopped process's queued GPU work would still run in another's turn.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import math
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -76,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first")
     p.add_argument("--log-every", type=int, default=10, help="train.py's run.log_every")
     p.add_argument("--repeats", type=int, default=3, help="rounds; the median is reported")
+    p.add_argument("--turns", type=float, default=0.0, metavar="S",
+                   help="run a round's measurements side by side in turns of S seconds (CPU; 0: one "
+                        "after another)")
     p.add_argument("--backends", default="torch,dali", help="comma list: torch, dali")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -122,7 +133,8 @@ def num_classes(root) -> int:
 # one measurement (child process)
 # ---------------------------------------------------------------------------------------------
 class StepClock:
-    """img/s over the steps after `warmup`: from the end of step warmup-1 (device work finished)."""
+    """Wall-clock stamps around the steps after `warmup`: from the end of step warmup-1 (device work
+    finished) to the end of the last."""
 
     def __init__(self, device: torch.device, warmup: int):
         self.device, self.warmup, self.start = device, warmup, 0.0
@@ -130,11 +142,11 @@ class StepClock:
     def tick(self, step: int) -> None:
         if step == self.warmup - 1:
             benchmark.sync(self.device)
-            self.start = time.perf_counter()
+            self.start = time.time()
 
-    def img_per_s(self, images: int) -> float:
+    def stamps(self, images: int) -> dict:
         benchmark.sync(self.device)
-        return images / (time.perf_counter() - self.start)
+        return {"images": images, "t0": self.start, "t1": time.time()}
 
 
 def our_loader(args, backend: str, device: torch.device):
@@ -171,7 +183,7 @@ def endless(loader):
 
 
 def measure(args) -> dict:
-    """One variant in this process: {'img_per_s': ...}."""
+    """One variant in this process: {'images': timed images, 't0': ..., 't1': wall-clock stamps}."""
     from tresnet_train.config import OptimConfig
     from tresnet_train.optim import build_optimizer
     device = torch.device(args.device)
@@ -186,7 +198,7 @@ def measure(args) -> dict:
         for step in range(total):
             images, _ = next(batches)
             clock.tick(step)
-        return {"img_per_s": clock.img_per_s(args.steps * args.batch)}
+        return clock.stamps(args.steps * args.batch)
     model = model.to(device).train()
     # train.py's optimizer: timm's SGD, Nesterov, no weight decay on norms and biases
     optimizer = build_optimizer(model, OptimConfig(), lr=0.1 * args.batch / 256)
@@ -199,32 +211,110 @@ def measure(args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         clock.tick(step)
-    return {"img_per_s": clock.img_per_s(args.steps * args.batch)}
+    return clock.stamps(args.steps * args.batch)
 
 
-def run_child(args, backend: str, variant: str) -> dict:
-    """One measurement in a fresh process: the bare loop and loaders here, train.py as itself."""
+def run_round(args, measurements: list[tuple[str, str]]) -> list[dict]:
+    """Each (backend, variant) in a fresh process: one after another, or side by side in --turns."""
+    if not args.turns:
+        return [run_children(args, [m], math.inf)[0] for m in measurements]
+    return run_children(args, measurements, args.turns)
+
+
+def run_children(args, measurements: list[tuple[str, str]], turn_s: float) -> list[dict]:
+    """Start one process per measurement and run them in turns of `turn_s` seconds until all exit;
+    each one's img/s counts the seconds of its own turns between its stamps."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
-        if variant.startswith("trainpy"):
-            cmd = [sys.executable, str(REPO / "train.py"), *overrides(args, backend, variant),
-                   f"run.output_dir={tmp}/run"]
-        else:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", variant,
-                   "--backend", backend, *child_args(args)]
         load_before = os.getloadavg()[0]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=1800)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
-            return {"error": f"exit {proc.returncode}: {tail}", "wall_s": round(wall, 1),
-                    "load_before": load_before}
-        if variant.startswith("trainpy"):
-            result = {"img_per_s": trainpy_img_per_s(Path(tmp) / "run" / "metrics.jsonl", args)}
-        else:
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {**result, "wall_s": round(wall, 1), "load_before": load_before}
+        folders = [Path(tmp) / f"{i}" for i in range(len(measurements))]
+        procs = []
+        try:
+            for folder, (backend, variant) in zip(folders, measurements):
+                folder.mkdir()
+                procs.append(start_child(args, backend, variant, folder, env))
+            turns = take_turns(procs, turn_s, timeout=1800 * len(procs))
+        finally:  # also on Ctrl-C or kill (stop_on_signals): a child left in its group's stop stays
+            for proc in procs:
+                signal_group(proc, signal.SIGKILL)
+                proc.wait()
+        return [{**result(args, variant, folder, proc, own), "load_before": load_before}
+                for (_, variant), folder, proc, own in zip(measurements, folders, procs, turns)]
+
+
+def start_child(args, backend: str, variant: str, folder: Path, env: dict) -> subprocess.Popen:
+    """train.py itself, or this script's --measure; in its own process group (stopped and continued
+    whole), its output to a file (a pipe that nobody reads during other turns could stall it)."""
+    if variant.startswith("trainpy"):
+        cmd = [sys.executable, str(REPO / "train.py"), *overrides(args, backend, variant),
+               f"run.output_dir={folder}/run"]
+    else:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", variant, "--backend", backend,
+               *child_args(args)]
+    with open(folder / "output.txt", "w") as out:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def take_turns(procs: list[subprocess.Popen], turn_s: float, timeout: float) -> list[list[tuple]]:
+    """Let one process group run at a time, `turn_s` seconds each in turn (math.inf: until it exits),
+    the others stopped, until all have exited: each one's turns as (start, end) wall-clock times."""
+    turns = [[] for _ in procs]
+    for proc in procs:
+        signal_group(proc, signal.SIGSTOP)
+    deadline = time.time() + timeout
+    while any(proc.poll() is None for proc in procs):
+        for proc, own in zip(procs, turns):
+            if proc.poll() is not None:
+                continue
+            left = deadline - time.time()
+            if left <= 0:
+                raise subprocess.TimeoutExpired(proc.args, timeout)
+            start = time.time()  # stamped before it runs and after it stops: its turn holds all it did
+            signal_group(proc, signal.SIGCONT)
+            try:
+                proc.wait(timeout=min(turn_s, left))
+            except subprocess.TimeoutExpired:
+                signal_group(proc, signal.SIGSTOP)
+            own.append((start, time.time()))
+    return turns
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP end this process as Ctrl-C does, through the `finally` that kills the
+    children (the default action would leave them stopped for good)."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+
+
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:  # the whole group has exited
+        pass
+
+
+def result(args, variant: str, folder: Path, proc: subprocess.Popen, turns: list[tuple]) -> dict:
+    """{'img_per_s': ...} from the child's stamps and its turns, or {'error': ...}."""
+    output = (folder / "output.txt").read_text()
+    wall = sum(end - start for start, end in turns)
+    if proc.returncode != 0:
+        tail = " | ".join(output.strip().splitlines()[-5:])
+        return {"error": f"exit {proc.returncode}: {tail}", "wall_s": round(wall, 1)}
+    if variant.startswith("trainpy"):
+        stamps = trainpy_stamps(folder / "run" / "metrics.jsonl", args)
+    else:
+        stamps = json.loads(output.strip().splitlines()[-1])
+    seconds = running_seconds(stamps["t0"], stamps["t1"], turns)
+    return {"img_per_s": stamps["images"] / seconds, "timed_s": round(seconds, 2),
+            "wall_s": round(wall, 1)}
+
+
+def running_seconds(t0: float, t1: float, turns: list[tuple]) -> float:
+    """The seconds between the stamps t0 and t1 that fell inside the process's turns."""
+    return sum(max(0.0, min(end, t1) - max(start, t0)) for start, end in turns)
 
 
 def child_args(args) -> list[str]:
@@ -233,20 +323,16 @@ def child_args(args) -> list[str]:
             "--warmup", str(args.warmup), "--log-every", str(args.log_every), "--device", args.device]
 
 
-def trainpy_img_per_s(metrics: Path, args) -> float:
-    """img/s over the steps after --warmup, from train.py's log windows (steps done, window img/s)."""
+def trainpy_stamps(metrics: Path, args) -> dict:
+    """The timed steps' images and the times of train.py's train records after --warmup and after
+    --warmup + --steps steps (each written at the log point ending those steps)."""
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    windows = [(r["step"], r["train/img_per_s"]) for r in rows if r.get("kind") == "train"]
-    seconds, images, prev = 0.0, 0, None
-    for step, rate in windows:
-        if prev is not None and prev >= args.warmup:
-            n = (step - prev) * args.batch
-            seconds, images = seconds + n / rate, images + n
-        prev = step
-    if images != args.steps * args.batch:
-        raise RuntimeError(f"{metrics}: log windows cover {images} images after the warm-up, "
-                           f"expected {args.steps * args.batch}")
-    return images / seconds
+    times = {r["step"]: r["time"] for r in rows if r.get("kind") == "train"}
+    first, last = args.warmup, args.warmup + args.steps
+    if first not in times or last not in times:
+        raise RuntimeError(f"{metrics}: no train record at step {first} or {last} (records at "
+                           f"{sorted(times)}); run.log_every must divide --warmup and --steps")
+    return {"images": args.steps * args.batch, "t0": times[first], "t1": times[last]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,9 +388,9 @@ def to_markdown(report: dict) -> str:
              f"({s['train_images']} train images, {s['photo_size']}), batch {s['batch']}, "
              f"{s['workers']} loader workers, {'fp32' if s['amp'] == 'none' else s['amp']}, SGD; img/s "
              f"over {s['steps']} steps after {s['warmup']} untimed ones; each measurement in a fresh "
-             f"process; variants interleaved in rounds (load on a shared machine hits them alike), "
-             f"{len(report['rounds'])} of {s['repeats']} rounds done, median reported; ratios are "
-             "medians of per-round ratios. Load average (1 min) before each measurement: "
+             f"process; {interleaving(s.get('turns_s', 0))}, {len(report['rounds'])} of {s['repeats']} "
+             "rounds done, median reported; ratios are medians of per-round ratios. Load average "
+             f"(1 min) before each {'round' if s.get('turns_s') else 'measurement'}: "
              f"{load_range(report)}.", "",
              "| backend | variant | img/s (median) | per round |", "|---|---|---|---|"]
     for key, m in report["medians"].items():
@@ -320,6 +406,13 @@ def to_markdown(report: dict) -> str:
         lines.append(f"| {r['numerator']} / {r['denominator']} | {r['ratio']:.3f} | "
                      f"{', '.join(f'{v:.3f}' for v in r['per_round'])} | {goal} | {result} |")
     return "\n".join(lines) + "\n"
+
+
+def interleaving(turns_s: float) -> str:
+    if not turns_s:
+        return "variants one after another in rounds (load on a shared machine hits them alike)"
+    return (f"a round's variants side by side, taking turns of {turns_s:g} s while the others are "
+            "stopped (drift in the machine's speed hits them alike), each timed over its own turns")
 
 
 def load_range(report: dict) -> str:
@@ -357,27 +450,28 @@ def main(argv=None) -> int:
     if args.measure:
         print(json.dumps(measure(args)))
         return 0
+    stop_on_signals()
     prepare_data(args)
     env = benchmark.environment(torch.device(args.device))
     json_path, md_path = benchmark.output_paths(args, env)
     data = Path(args.data)
     report = {"command": args.command, "env": env, "rounds": [], "settings": {
         "model": args.model, "img_size": args.img_size, "batch": args.batch, "workers": args.workers,
-        "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "amp": amp(args.device),
+        "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "turns_s": args.turns,
+        "amp": amp(args.device),
         "log_every": args.log_every, "data_name": data.name, "photo_size": photo_size(data),
         "train_images": sum(1 for d in (data / "train").iterdir() for _ in d.iterdir()),
         "full_recipe": FULL_RECIPE, "extras_off": EXTRAS_OFF}}
     print(f"{env['device']} | torch {env['torch']} -> {json_path}", flush=True)
     for k in range(args.repeats):
-        report["rounds"].append({})
-        for backend, variant in plan(args):
-            result = run_child(args, backend, variant)
-            report["rounds"][-1][f"{backend}/{variant}"] = result
+        measurements = plan(args)
+        results = run_round(args, measurements)
+        report["rounds"].append({f"{b}/{v}": r for (b, v), r in zip(measurements, results)})
+        for (backend, variant), r in zip(measurements, results):
             print(f"round {k + 1}/{args.repeats} {backend:5s} {variant:12s} "
-                  f"{result.get('img_per_s', float('nan')):8.1f} img/s  {result.get('error', '')}",
-                  flush=True)
-            summarise(report)
-            benchmark.write_files(json_path, md_path, json.dumps(report, indent=1), to_markdown(report))
+                  f"{r.get('img_per_s', float('nan')):8.1f} img/s  {r.get('error', '')}", flush=True)
+        summarise(report)
+        benchmark.write_files(json_path, md_path, json.dumps(report, indent=1), to_markdown(report))
     for r in report["ratios"]:
         print(f"{r['numerator']} / {r['denominator']}: {r['ratio']:.3f}"
               + (f" (target >= {r['goal']}: {r['status']})" if r["goal"] is not None else ""))
