@@ -26,7 +26,8 @@ cheap: --upscale-from SRC fills --data first with photos resized to --upscale-si
 are stopped (SIGSTOP to the process group, loader workers included), and each counts only its own
 turns. A CPU whose speed drifts by several percent over minutes (a shared VM) then slows every
 variant alike, and the ratios resolve differences of 1-2% that one-after-another runs cannot. Meant
-for CPU runs: a stopped process's queued GPU work would still run in another's turn.
+for CPU runs: a stopped process's queued GPU work would still run in another's turn. Ctrl-C, SIGTERM
+or SIGHUP end the children with the benchmark; after a SIGKILL, `kill -CONT -- -PGID` frees them.
 """
 from __future__ import annotations
 
