@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import math
+import os
 import shlex
 import signal
 import statistics
@@ -235,7 +235,7 @@ def run_children(args, measurements: list[tuple[str, str]], turn_s: float) -> li
                 folder.mkdir()
                 procs.append(start_child(args, backend, variant, folder, env))
             turns = take_turns(procs, turn_s, timeout=1800 * len(procs))
-        finally:  # also on Ctrl-C or kill (stop_on_signals): a child left in its group's stop stays
+        finally:  # also on Ctrl-C or SIGTERM (stop_on_signals): a stopped child would stay stopped
             for proc in procs:
                 signal_group(proc, signal.SIGKILL)
                 proc.wait()
