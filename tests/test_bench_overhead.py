@@ -114,10 +114,9 @@ sys.path.insert(0, sys.argv[1])
 import bench_overhead as bo
 
 def sleeper(args, backend, variant, folder, env):
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
-                            start_new_session=True)
-    print(proc.pid, flush=True)
-    return proc
+    # the child says its pid once it runs: by then the harness holds it in its list of children
+    return subprocess.Popen([sys.executable, "-c", "import os, time; print(os.getpid(), flush=True); "
+                             "time.sleep(600)"], start_new_session=True)
 
 bo.start_child = sleeper
 bo.stop_on_signals()
