@@ -5,7 +5,10 @@
 On the same model, photos, batch, loader workers and steps, images/s of:
 - bare: loader -> forward -> loss -> backward -> optimizer step, nothing else, with this package's
   model, optimizer (timm's SGD and weight-decay groups) and loader for each backend, built by
-  train.py's own builders, and `bare_timm` with timm's `create_loader` (a plain timm training script);
+  train.py's own builders, with train.py's host memory settings (tresnet_train/host_memory.py);
+  `bare_timm`: the same loop on timm's `create_loader`, without those settings (a plain timm
+  training script); `bare_again`: the bare loop once more, a control whose ratio to `bare` shows
+  the noise of a ratio;
 - train.py, recipe extras off (`trainpy`): no EMA, mixup, RandAugment or label smoothing; logging
   and TensorBoard on;
 - train.py, full recipe (`trainpy_full`): EMA, mixup 0.2, RandAugment rand-m9-mstd0.5-inc1, label
@@ -54,10 +57,12 @@ import torch  # noqa: E402
 
 import benchmark  # noqa: E402  (the reporting helpers: environment, file names, number format)
 from bench_loader import upscale_folder  # noqa: E402
+from tresnet_train.host_memory import keep_host_memory  # noqa: E402
 
 # variant -> (what, backend-specific)
 VARIANTS = {
     "bare": ("bare loop: loader -> forward -> loss -> backward -> step", True),
+    "bare_again": ("bare loop again (control: the same loop in another process)", True),
     "trainpy": ("train.py, recipe extras off", True),
     "trainpy_full": ("train.py, full recipe", True),
     "loader": ("loader alone (no model)", True),
@@ -352,7 +357,7 @@ def ratios(rounds: list[dict]) -> list[dict]:
     rows = []
     backends = sorted({k.split("/")[0] for r in rounds for k in r} - {"timm"})
     pairs = [(f"{b}/{num}", f"{b}/bare", f"{num}_vs_bare", TARGET["trainpy_vs_bare"] if num == "trainpy"
-              else None) for b in backends for num in ("trainpy", "trainpy_full")]
+              else None) for b in backends for num in ("trainpy", "trainpy_full", "bare_again")]
     pairs += [(f"{b}/loader", "timm/timm_loader", "loader_vs_timm_loader", TARGET["loader_vs_timm_loader"]
                if b == "torch" else None) for b in backends]
     pairs += [(f"{b}/trainpy", "timm/bare_timm", "trainpy_vs_plain_timm_script", None) for b in backends]
@@ -449,6 +454,8 @@ def photo_size(root: Path) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.measure:
+        if args.backend != "timm":
+            keep_host_memory()  # as train.py does, before the first tensor
         print(json.dumps(measure(args)))
         return 0
     stop_on_signals()

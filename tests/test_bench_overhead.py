@@ -37,7 +37,7 @@ def test_miniature_run_reports_every_variant_and_the_ratios(tmp_path):
     (json_path,) = out.glob("*-cpu-mini.json")
     report = json.loads(json_path.read_text())
     (round_,) = report["rounds"]
-    assert set(round_) == {"torch/bare", "torch/trainpy", "torch/trainpy_full", "torch/loader",
+    assert set(round_) == {"torch/bare", "torch/bare_again", "torch/trainpy", "torch/trainpy_full", "torch/loader",
                            "timm/bare_timm", "timm/timm_loader"}
     for key, result in round_.items():
         assert "error" not in result, (key, result)
@@ -49,6 +49,7 @@ def test_miniature_run_reports_every_variant_and_the_ratios(tmp_path):
                                               / round_["torch/bare"]["img_per_s"])
     assert overhead["goal"] == 0.98 and overhead["status"] in ("met", "missed")
     assert ratios[("torch/loader", "timm/timm_loader")]["goal"] == 1.0
+    assert ratios[("torch/bare_again", "torch/bare")]["goal"] is None  # the control
     md = json_path.with_suffix(".md").read_text()
     assert report["command"] in md and "scripts/bench_overhead.py" in report["command"]
     assert "train.py, full recipe" in md and report["env"]["torch"] in md

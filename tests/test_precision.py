@@ -70,7 +70,7 @@ def test_start_up_line_names_the_device_and_every_speed_choice(reference):
     """Read from the shared tiny run's output (conftest.py): train.py's defaults on CPU."""
     line = next(line for line in reference.proc.stdout.splitlines() if "speed:" in line)
     for needle in ("on CPU", "precision none (CPU", "TF32 off", "cudnn.benchmark off",
-                   "channels_last off", "compile off", "norm BatchNorm", "sync off"):
+                   "channels_last off", "compile off", "norm BatchNorm", "sync off", "host memory: "):
         assert needle in line, line
 
 

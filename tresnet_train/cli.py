@@ -15,6 +15,7 @@ import yaml
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from .config import ConfigError, load_config, to_dict
+from .host_memory import keep_host_memory
 
 EXIT_FAILED, EXIT_CONFIG = 1, 2
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
@@ -48,6 +49,7 @@ def _train_parser() -> argparse.ArgumentParser:
 @record
 def train_main(argv: list[str] | None = None) -> int:
     args = _train_parser().parse_args(argv)
+    keep_host_memory()  # before the first tensor: PyTorch reads its huge-page setting once
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:

@@ -31,6 +31,7 @@ from .data.digits import check_digits_root
 from .distributed import (World, barrier, broadcast_buffers, broadcast_object, cleanup,
                           gather_objects, init_distributed, local_gpu, world_from_env)
 from .engine import NoEMA, StepMeter, StepParts, evaluate, grouped, train_step
+from .host_memory import host_memory_line
 from .logs import MetricsLog, Progress, duration, setup_console
 from .losses import build_batch_augment, build_criterion
 from .models import UnknownModelError, check_model_name, create_model, get_data_config, load_weights
@@ -177,7 +178,8 @@ def speed_choices(cfg: Config, device: torch.device, world: World, precision: Pr
              f"cudnn.benchmark {on[cuda]} (fixed input sizes)",
              f"channels_last {on[cfg.model.channels_last]}, compile {on[cfg.model.compile]}, "
              f"gradient checkpointing {on[cfg.model.grad_checkpointing]} (as configured)",
-             f"norm {norm} ({norm_why}), sync {on[cfg.model.sync_bn and world.distributed]}"]
+             f"norm {norm} ({norm_why}), sync {on[cfg.model.sync_bn and world.distributed]}",
+             f"host memory: {host_memory_line()}"]
     if getattr(train_loader, "backend", None) == "dali":
         from .data.dali_backend import hardware_decoder_share
         share = hardware_decoder_share(device)

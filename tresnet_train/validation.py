@@ -40,6 +40,7 @@ from .config import AMP_MODES, BACKENDS, DEVICES, Config, ConfigError, from_dict
 from .data.transforms import VAL_RESIZE_MODES
 from .distributed import World, barrier, cleanup, gather_objects, init_distributed, world_from_env
 from .engine import evaluate
+from .host_memory import keep_host_memory
 from .precision import Precision, PrecisionError
 
 log = logging.getLogger("tresnet_train")
@@ -449,6 +450,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # a usage error exits 2 with argparse's message
+    keep_host_memory()  # before the first tensor: PyTorch reads its huge-page setting once
     from .data import DataError
     ok = False
     try:
