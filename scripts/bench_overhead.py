@@ -324,7 +324,7 @@ def running_seconds(t0: float, t1: float, turns: list[tuple]) -> float:
 
 
 def child_args(args) -> list[str]:
-    return ["--data", str(args.data), "--model", args.model, "--img-size", str(args.img_size),
+    return ["--data", str(Path(args.data).resolve()), "--model", args.model, "--img-size", str(args.img_size),
             "--batch", str(args.batch), "--workers", str(args.workers), "--steps", str(args.steps),
             "--warmup", str(args.warmup), "--log-every", str(args.log_every), "--device", args.device]
 
