@@ -3,10 +3,10 @@ PyTorch backs large tensors with transparent huge pages.
 
 Why: with glibc's defaults a training step's large CPU tensors (activations and gradients of a few
 MiB each) are often mapped fresh from the kernel and handed back when freed, so the next step faults
-them in and zeroes them again. resnet18 at batch 32 on a 2-core CPU took 30-43 thousand page faults a
-second, with 6-9% of its CPU time in the kernel, varying from process to process; with both settings
-below, about 500 a second, and the bare training loop ran about 10% faster (benchmarks/, the
-overhead report).
+them in and zeroes them again. On a 2-core CPU, resnet18 at batch 32 (64 px) took 17-43 thousand page
+faults a second, 5-9% of its CPU time in the kernel, varying from process to process; with both
+settings below, about 300 a second and 2%. The overhead benchmark (benchmarks/, `-overhead-host-memory`)
+measures the speed this gives.
 
 - glibc `mallopt`: M_MMAP_THRESHOLD 32 MiB (a fixed value also stops glibc from moving it), so
   blocks up to 32 MiB come from the heap; M_TRIM_THRESHOLD 1 GiB, so the heap is not handed back to
@@ -15,8 +15,8 @@ overhead report).
   (one fault per 2 MiB instead of per 4 KiB). PyTorch reads it once, at the first CPU tensor, so
   `keep_host_memory()` runs before any is made.
 
-DataLoader workers and other forked or started processes inherit both. A user's own choice wins:
-THP_MEM_ALLOC_ENABLE already set, glibc malloc settings in MALLOC_MMAP_THRESHOLD_,
+Forked processes (DataLoader workers) inherit both, started ones the huge pages. A user's own
+choice wins: THP_MEM_ALLOC_ENABLE already set, glibc malloc settings in MALLOC_MMAP_THRESHOLD_,
 MALLOC_TRIM_THRESHOLD_ or GLIBC_TUNABLES, or another allocator in LD_PRELOAD (jemalloc, tcmalloc).
 """
 from __future__ import annotations
@@ -54,7 +54,8 @@ def _glibc_keep_freed() -> str:
     if own or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return f"glibc malloc as set ({', '.join(own) or 'GLIBC_TUNABLES'})"
     libc = ctypes.CDLL("libc.so.6")
-    if not (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
+    kept = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    if not kept:  # mallopt returns 0 for a value it refuses
         return "glibc malloc as is (mallopt refused)"
     return "glibc keeps freed memory (mmap threshold 32 MiB, trim threshold 1 GiB)"
 
