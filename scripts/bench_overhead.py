@@ -466,7 +466,8 @@ def main(argv=None) -> int:
     report = {"command": args.command, "env": env, "rounds": [], "settings": {
         "model": args.model, "img_size": args.img_size, "batch": args.batch, "workers": args.workers,
         "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "turns_s": args.turns,
-        "amp": amp(args.device), "log_every": args.log_every, "data_name": data.name, "photo_size": photo_size(data),
+        "amp": amp(args.device), "log_every": args.log_every, "data_name": data.name,
+        "photo_size": photo_size(data),
         "train_images": sum(1 for d in (data / "train").iterdir() for _ in d.iterdir()),
         "full_recipe": FULL_RECIPE, "extras_off": EXTRAS_OFF}}
     print(f"{env['device']} | torch {env['torch']} -> {json_path}", flush=True)

@@ -37,8 +37,8 @@ def test_miniature_run_reports_every_variant_and_the_ratios(tmp_path):
     (json_path,) = out.glob("*-cpu-mini.json")
     report = json.loads(json_path.read_text())
     (round_,) = report["rounds"]
-    assert set(round_) == {"torch/bare", "torch/bare_again", "torch/trainpy", "torch/trainpy_full", "torch/loader",
-                           "timm/bare_timm", "timm/timm_loader"}
+    assert set(round_) == {"torch/bare", "torch/bare_again", "torch/trainpy", "torch/trainpy_full",
+                           "torch/loader", "timm/bare_timm", "timm/timm_loader"}
     for key, result in round_.items():
         assert "error" not in result, (key, result)
         assert result["img_per_s"] > 0 and math.isfinite(result["img_per_s"])

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tresnet_train.host_memory import USER_SETTINGS
+
 ROOT = Path(__file__).resolve().parents[1]
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -36,11 +38,11 @@ print(json.dumps({"mapped": libc.mallinfo2().hblks - before, "line": host_memory
 # as train.py: the package (and torch) imported, then the settings, then a 64 MiB tensor touched
 TENSOR_64MIB = """
 import sys
-import tresnet_train.cli  # imports torch, as train.py does before the settings
+import torch
+import tresnet_train.cli  # as train.py: torch and the package imported before the settings
 from tresnet_train.host_memory import keep_host_memory
 if sys.argv[1] == "keep":
     keep_host_memory()
-import torch
 x = torch.ones(16 << 20)
 print(next(int(l.split()[1]) for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages")))
 """
@@ -55,7 +57,7 @@ def run(code: str, mode: str, **env) -> str:
 
 @pytest.fixture
 def fresh_env(monkeypatch):
-    for key in ("THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+    for key in USER_SETTINGS:
         monkeypatch.delenv(key, raising=False)
 
 

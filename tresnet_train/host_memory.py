@@ -29,19 +29,21 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 MMAP_THRESHOLD = 32 << 20  # bytes; larger blocks are still mapped, and unmapped when freed
 TRIM_THRESHOLD = 1 << 30  # bytes of free heap top kept before any is handed back
 THP_ENV = "THP_MEM_ALLOC_ENABLE"
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")  # glibc's own, read at start-up
+USER_SETTINGS = (THP_ENV, *MALLOC_ENV, "GLIBC_TUNABLES")  # where a user's choice overrides ours
 
-_choices: list[str] = []  # what keep_host_memory() did, for the run's speed line
+_line = "defaults"  # what keep_host_memory() did, for the run's speed line
 
 
 def keep_host_memory() -> None:
     """Apply both settings to this process (and the processes it starts), unless the user chose."""
-    _choices.clear()
+    global _line
     if THP_ENV in os.environ:
-        _choices.append(f"huge pages {THP_ENV}={os.environ[THP_ENV]} (as set)")
+        thp = f"huge pages {THP_ENV}={os.environ[THP_ENV]} (as set)"
     else:
         os.environ[THP_ENV] = "1"
-        _choices.append("huge pages for tensors >= 2 MiB")
-    _choices.append(_glibc_keep_freed())
+        thp = "huge pages for tensors >= 2 MiB"
+    _line = f"{thp}, {_glibc_keep_freed()}"
 
 
 def _glibc_keep_freed() -> str:
@@ -50,7 +52,7 @@ def _glibc_keep_freed() -> str:
     preload = os.environ.get("LD_PRELOAD", "")
     if "malloc" in preload:  # jemalloc, tcmalloc, mimalloc
         return f"malloc as is (LD_PRELOAD={preload})"
-    own = [k for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_") if k in os.environ]
+    own = [k for k in MALLOC_ENV if k in os.environ]
     if own or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return f"glibc malloc as set ({', '.join(own) or 'GLIBC_TUNABLES'})"
     libc = ctypes.CDLL("libc.so.6")
@@ -61,5 +63,5 @@ def _glibc_keep_freed() -> str:
 
 
 def host_memory_line() -> str:
-    """What keep_host_memory() chose, or that it did not run in this process."""
-    return ", ".join(_choices) if _choices else "defaults"
+    """What keep_host_memory() chose, or "defaults" where it did not run in this process."""
+    return _line
