@@ -308,14 +308,14 @@ def result(args, variant: str, folder: Path, proc: subprocess.Popen, turns: list
     wall = sum(end - start for start, end in turns)
     if proc.returncode != 0:
         tail = " | ".join(output.strip().splitlines()[-5:])
-        return {"error": f"exit {proc.returncode}: {tail}", "wall_s": round(wall, 1)}
+        return {"error": f"exit {proc.returncode}: {tail}", "wall_s": round(wall, 2)}
     if variant.startswith("trainpy"):
         stamps = trainpy_stamps(folder / "run" / "metrics.jsonl", args)
     else:
         stamps = json.loads(output.strip().splitlines()[-1])
     seconds = running_seconds(stamps["t0"], stamps["t1"], turns)
-    return {"img_per_s": stamps["images"] / seconds, "timed_s": round(seconds, 2),
-            "wall_s": round(wall, 1)}
+    return {"img_per_s": stamps["images"] / seconds, "timed_s": round(seconds, 4),
+            "wall_s": round(wall, 2)}
 
 
 def running_seconds(t0: float, t1: float, turns: list[tuple]) -> float:
