@@ -59,7 +59,8 @@ def _glibc_keep_freed() -> str:
     kept = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     if not kept:  # mallopt returns 0 for a value it refuses
         return "glibc malloc as is (mallopt refused)"
-    return "glibc keeps freed memory (mmap threshold 32 MiB, trim threshold 1 GiB)"
+    return (f"glibc keeps freed memory (mmap threshold {MMAP_THRESHOLD >> 20} MiB, "
+            f"trim threshold {TRIM_THRESHOLD >> 30} GiB)")
 
 
 def host_memory_line() -> str:
