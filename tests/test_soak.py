@@ -4,8 +4,10 @@ long run is benchmarks/soak.md."""
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
+import torch
 
 from trainer_helpers import ROOT
 
@@ -28,4 +30,12 @@ def test_nothing_grows_over_six_epochs(tmp_path, digits, backend):
     if backend == "torch":  # demo.yaml's two persistent train workers, measured on their own
         assert sum(p.startswith("loader worker") for p in processes) == 2, processes
     for row in rows:
-        assert soak.passes(row, max_growth_mb=50.0), row
+        assert soak.passes(row, max_growth_mb=50.0), f"{row}; every sample: {result['samples']}"
+
+
+def test_a_batch_in_shared_memory_is_counted_apart_from_other_descriptors():
+    _, other, batches = soak.measure(os.getpid())
+    shared = torch.zeros(1000).share_memory_()  # what a torch worker makes for each batch tensor
+    assert soak.measure(os.getpid())[1:] == (other, batches + 1)
+    del shared
+    assert soak.measure(os.getpid())[1:] == (other, batches)
